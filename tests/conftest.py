@@ -1,0 +1,22 @@
+"""Shared test fixtures. Nothing in the suite may reach the network: the hub is forced offline here."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from toy_data import build_toy_world  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """One toy `hw2_data` tree (seed 0) for the whole session; tests must not modify it."""
+    return build_toy_world(tmp_path_factory.mktemp("toy") / "hw2_data", seed=0)

@@ -8,6 +8,7 @@ A `TOY` marker file at the root tells every script that it runs on a toy world.
 """
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -16,9 +17,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import skimage.data
+import torch
 from PIL import Image
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
+from torchvision.utils import save_image
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel,
+                          CLIPTokenizer)
 
+from p2_ddim import DIFFUSERS_DDIM_CONFIG
+from p2_unet import FaceUNet
+from p3_clip_zeroshot import TINY_CLIP_DIR, TINY_CLIP_NAME
 from utils import TOY_MARKER, Hw2Error, run_cli
 
 # ------------------------------------------------------------------------------------- sample photos
@@ -43,6 +54,155 @@ def random_crop(image, rng, size, min_fraction=0.5, max_fraction=0.95):
     left = int(rng.integers(0, width - side + 1))
     crop = Image.fromarray(image[top:top + side, left:left + side])
     return crop.resize((size, size), Image.BICUBIC)
+
+
+# ---------------------------------------------------------------------------------------------- digits
+
+DIGIT_SIZE = 28
+DIGIT_RENDERINGS = 2  # renderings per source digit (different size, offset, rotation, background)
+DIGIT_TRAIN_FRACTION = 0.8  # of the 1,797 source digits; the val sources are never seen in training
+# colour photos for the MNIST-M backgrounds (the original recipe crops BSDS500 photos)
+MNISTM_PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                 "retina", "colorwheel"]
+
+
+def digit_masks(sources, rng, scale, max_shift, max_degrees):
+    """Render 8x8 digits (values 0..16) as soft 28x28 stroke masks in [0, 1], one random pose each.
+
+    Each output pixel is mapped back into the 8x8 source (rotation, scale, shift) and read bilinearly;
+    a smooth threshold then turns the blurry upscaled intensity into a stroke with soft edges.
+    """
+    count = len(sources)
+    pixels_per_cell = rng.uniform(*scale, count) / 8  # output pixels per source pixel
+    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees, count))
+    shift = rng.uniform(-max_shift, max_shift, (count, 2))
+    grid = np.arange(DIGIT_SIZE) - (DIGIT_SIZE - 1) / 2
+    y = grid[None, :, None] - shift[:, 0, None, None]  # N x 28 x 1
+    x = grid[None, None, :] - shift[:, 1, None, None]  # N x 1 x 28
+    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    zoom = pixels_per_cell[:, None, None]
+    source_y = (cos * y - sin * x) / zoom + 3.5  # N x 28 x 28, in source pixel units (8x8 centre = 3.5)
+    source_x = (sin * y + cos * x) / zoom + 3.5
+    padded = np.pad(sources / 16.0, ((0, 0), (1, 1), (1, 1)))  # zero border: outside the digit is background
+    source_y = np.clip(source_y + 1, 0, 9 - 1e-6)
+    source_x = np.clip(source_x + 1, 0, 9 - 1e-6)
+    top, left = np.floor(source_y).astype(int), np.floor(source_x).astype(int)
+    dy, dx = source_y - top, source_x - left
+    index = np.arange(count)[:, None, None]
+    value = ((1 - dy) * (1 - dx) * padded[index, top, left] + (1 - dy) * dx * padded[index, top, left + 1]
+             + dy * (1 - dx) * padded[index, top + 1, left] + dy * dx * padded[index, top + 1, left + 1])
+    return np.clip((value - 0.35) / 0.25, 0, 1)
+
+
+def photo_patches(rng, count):
+    """`count` random 28x28 RGB crops (float, 0..255) of the MNIST-M sample photos, at random zooms."""
+    pyramid = []
+    for name in MNISTM_PHOTOS:
+        photo = Image.fromarray(sample_photo(name))
+        for factor in (2, 4, 8):
+            size = (photo.width // factor, photo.height // factor)
+            pyramid.append(np.asarray(photo.resize(size, Image.BILINEAR), dtype=np.float32))
+    patches = np.empty((count, DIGIT_SIZE, DIGIT_SIZE, 3), np.float32)
+    choice = rng.integers(0, len(pyramid), count)
+    for i, which in enumerate(choice):
+        image = pyramid[which]
+        top = rng.integers(0, image.shape[0] - DIGIT_SIZE + 1)
+        left = rng.integers(0, image.shape[1] - DIGIT_SIZE + 1)
+        patches[i] = image[top:top + DIGIT_SIZE, left:left + DIGIT_SIZE]
+    return patches
+
+
+def render_mnistm(sources, rng):
+    """MNIST-M look (Ganin & Lempitsky 2015): |photo crop - digit|, the digit a white stroke (255)."""
+    masks = digit_masks(sources, rng, scale=(20, 25), max_shift=1.5, max_degrees=10)
+    patches = photo_patches(rng, len(sources))
+    return np.abs(patches - 255 * masks[..., None]).round().astype(np.uint8)
+
+
+def random_colours(rng, count):
+    """Random RGB colours (0..1) with their luminance."""
+    colour = rng.uniform(0, 1, (count, 3))
+    return colour, colour @ np.array([0.299, 0.587, 0.114])
+
+
+def render_svhn(sources, neighbours, rng):
+    """SVHN look: a coloured digit on a contrasting coloured plate, parts of its neighbours at the edges,
+    then a slight blur and sensor noise. `neighbours` (N x 2 x 8 x 8) are the digits cut off left and right."""
+    count = len(sources)
+    masks = digit_masks(sources, rng, scale=(19, 25), max_shift=1.5, max_degrees=8)
+    # neighbours sit one digit-width away, so only their inner edge shows inside the 28x28 crop
+    for side, sign in enumerate((-1, 1)):
+        offset = sign * rng.uniform(19, 24, count)
+        side_masks = digit_masks(neighbours[:, side], rng, scale=(19, 25), max_shift=0, max_degrees=8)
+        shifted = np.zeros_like(side_masks)
+        columns = np.arange(DIGIT_SIZE)
+        for i in range(count):
+            source_columns = np.round(columns - offset[i]).astype(int)
+            inside = (source_columns >= 0) & (source_columns < DIGIT_SIZE)
+            shifted[i][:, inside] = side_masks[i][:, source_columns[inside]]
+        masks = np.maximum(masks, shifted * (rng.uniform(0, 1, count) < 0.7)[:, None, None])
+    background, background_luma = random_colours(rng, count)
+    digit, _ = random_colours(rng, count)
+    # force contrast: a dark digit on a light plate or a light digit on a dark one
+    light_plate = background_luma > 0.5
+    digit = np.where(light_plate[:, None], digit * 0.35, 0.6 + digit * 0.4)
+    background = np.where(light_plate[:, None], 0.55 + background * 0.45, background * 0.45)
+    image = background[:, None, None] * (1 - masks[..., None]) + digit[:, None, None] * masks[..., None]
+    # slight blur: a 3x3 binomial kernel, then noise
+    padded = np.pad(image, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    kernel = np.array([1, 2, 1]) / 4
+    image = sum(kernel[a] * kernel[b] * padded[:, a:a + DIGIT_SIZE, b:b + DIGIT_SIZE]
+                for a in range(3) for b in range(3))
+    image = image + rng.normal(0, 0.03, image.shape)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_digit_set(folder, images, labels, is_train, rng):
+    """`data/NNNNN.png` under shuffled names, plus `train.csv` and `val.csv` (`image_name,label`)."""
+    (folder / "data").mkdir(parents=True)
+    names = [f"{index:05d}.png" for index in rng.permutation(len(images))]
+    for name, image in zip(names, images):
+        Image.fromarray(image).save(folder / "data" / name, compress_level=1)
+    for split, keep in (("train", is_train), ("val", ~is_train)):
+        rows = sorted((name, int(label)) for name, label, k in zip(names, labels, keep) if k)
+        lines = ["image_name,label"] + [f"{name},{label}" for name, label in rows]
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def split_sources(count, rng):
+    """Shuffle `count` source digits, split them train/val, render each DIGIT_RENDERINGS times.
+
+    Returns the source index of every rendering and whether it is a training one; the split is by source,
+    so no val rendering shares its handwritten digit with a training rendering.
+    """
+    order = rng.permutation(count)
+    train_count = int(count * DIGIT_TRAIN_FRACTION)
+    sources = np.repeat(order, DIGIT_RENDERINGS)
+    is_train = np.repeat(np.arange(count) < train_count, DIGIT_RENDERINGS)
+    return sources, is_train
+
+
+def build_digits(root, seed):
+    """`digits/{mnistm,svhn}/data/*.png` (28x28 RGB), `train.csv`, `val.csv` from scikit-learn's 8x8 digits.
+
+    The split is by source digit, so every val image shows a handwritten digit never seen in training.
+    """
+    from sklearn.datasets import load_digits  # slow import, only needed here
+
+    digits = load_digits()
+    rng = np.random.default_rng([seed, 1])
+    sources, is_train = split_sources(len(digits.target), rng)
+    labels = digits.target[sources]
+    # neighbours in SVHN crops come from the same split, so val stays unseen
+    pools = {True: np.unique(sources[is_train]), False: np.unique(sources[~is_train])}
+    neighbours = np.stack([rng.choice(pools[bool(k)], 2) for k in is_train])
+    for set_index, name in enumerate(("mnistm", "svhn"), start=1):
+        set_rng = np.random.default_rng([seed, 1, set_index])
+        if name == "mnistm":
+            images = render_mnistm(digits.images[sources], set_rng)
+        else:
+            images = render_svhn(digits.images[sources], digits.images[neighbours], set_rng)
+        write_digit_set(root / "digits" / name, images, labels, is_train, set_rng)
 
 
 # --------------------------------------------------------------------------------------- clip_zeroshot
@@ -75,6 +235,30 @@ def build_clip_zeroshot(root, seed):
         for idx in range(ZEROSHOT_IMAGES_PER_CLASS):
             image = random_crop(photo, rng, 32)
             image.save(folder / "val" / f"{class_id}_{class_id * ZEROSHOT_IMAGES_PER_CLASS + idx}.png")
+
+
+# ------------------------------------------------------------------------------------------ tiny_clip
+
+# A tiny open_clip model (random weights) for p3_clip_zeroshot.py, which names its place (TINY_CLIP_DIR,
+# TINY_CLIP_NAME): a config JSON plus weights under toy_models/, since the real archive ships no CLIP.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    # the real CLIP vocabulary, so open_clip's own tokenizer works unchanged
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def build_tiny_clip(root, seed):
+    """`toy_models/open_clip/toy-tiny-clip.json` (an open_clip model config) and its random `.safetensors` weights."""
+    folder = root / TINY_CLIP_DIR
+    folder.mkdir(parents=True)
+    (folder / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(TINY_CLIP_CONFIG, indent=1))
+    with torch.random.fork_rng(devices=[]):  # open_clip initialises from the global RNG: seed it, then restore it
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+              folder / f"{TINY_CLIP_NAME}.safetensors")
 
 
 # ----------------------------------------------------------------------------------- textual_inversion
@@ -117,9 +301,145 @@ def build_textual_inversion(root, seed):
     (folder / "input.json").write_text(json.dumps(TOY_INPUT_JSON, indent=2))
 
 
+# ---------------------------------------------------------------------------------------- tiny_sd
+
+# A tiny Stable Diffusion (random weights, SD v1's layout and scheduler) and a tiny transformers CLIP for
+# p3_textual_inversion.py, under toy_models/ because the real archive ships only the SD v1.4 checkpoint.
+TINY_SD_DIR = Path("toy_models") / "tiny-sd"
+TINY_CLIP_SCORER_DIR = Path("toy_models") / "tiny-clip-scorer"
+TINY_SD_RESOLUTION = 32  # pixels; the VAE halves it once, so the UNet sees 16x16x4 latents
+CLIP_CONTEXT_LENGTH = 77
+# SD v1's noise schedule (its scheduler_config.json), here with DDIM instead of PNDM for few-step sampling
+SD_V1_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+def clip_bpe_tokenizer(folder):
+    """CLIP's tokenizer (the one SD v1 uses), rebuilt offline from the BPE merges that open_clip ships.
+
+    The vocabulary is open_clip's own construction: the 256 byte symbols, the same with `</w>`, the first
+    48,894 merges joined, then the two special tokens (49,408 entries). `vocab.json` and `merges.txt` are
+    written to `folder`. The ids equal open_clip's, except that padding is `<|endoftext|>` (open_clip pads with 0).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(open_clip.tokenizer.default_bpe(), "rt", encoding="utf-8") as handle:
+        merges = handle.read().split("\n")[1:49152 - 256 - 2 + 1]
+    symbols = list(open_clip.tokenizer.bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({token: idx for idx, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # without model_max_length, transformers 5 overflows on padding="max_length"
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                         model_max_length=CLIP_CONTEXT_LENGTH)
+
+
+def tiny_text_config(hidden_size, vocab_size):
+    return dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                vocab_size=vocab_size, max_position_embeddings=CLIP_CONTEXT_LENGTH, bos_token_id=49406,
+                eos_token_id=49407, pad_token_id=49407)
+
+
+def build_tiny_sd(root, seed):
+    """`toy_models/tiny-sd` (a diffusers StableDiffusionPipeline folder) and `toy_models/tiny-clip-scorer`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = clip_bpe_tokenizer(tmp)
+    with torch.random.fork_rng(devices=[]):  # the models initialise from the global RNG: seed it, then restore it
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SD_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+            norm_num_groups=8)
+        vae = AutoencoderKL(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+                            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=8,
+                            sample_size=TINY_SD_RESOLUTION)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(32, len(tokenizer))))
+        scorer = CLIPModel(CLIPConfig(
+            text_config=tiny_text_config(16, len(tokenizer)), projection_dim=16,
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=TINY_SD_RESOLUTION, patch_size=8)))
+    scheduler = DDIMScheduler(**SD_V1_SCHEDULE, clip_sample=False, set_alpha_to_one=False)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(root / TINY_SD_DIR)
+    side = {"height": TINY_SD_RESOLUTION, "width": TINY_SD_RESOLUTION}
+    image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_SD_RESOLUTION}, crop_size=side)
+    scorer.save_pretrained(root / TINY_CLIP_SCORER_DIR)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / TINY_CLIP_SCORER_DIR)
+
+
+# ----------------------------------------------------------------------------------------------- face
+
+FACE_BASE = 32  # the course's face UNet at a quarter of its width: channels 32/64/128, same key names
+FACE_SIZE = 64  # noise is 1x3x64x64: H, W must be divisible by 32
+FACE_NOISES = 10
+FACE_GT_STEPS = 50
+FACE_RANDOM_SCALE = 0.5  # weight of the random network beside the wired eps ~ x_t path (see wire_noise_path)
+
+
+def wire_noise_path(model, random_scale=FACE_RANDOM_SCALE):
+    """Give a randomly initialised FaceUNet the one trait of a trained denoiser DDIM relies on: eps ~ x_t.
+
+    A purely random UNet makes DDIM chaotic: x_t soon becomes eps_theta(x_{t+20}), a smooth field whose tiny
+    variations GroupNorm blows up, so 1e-7 rounding differences grow to O(1) within 20 steps and no two correct
+    samplers agree. Here channels 0..5 of `down1` carry (x, -x), `up23`'s 1x1 skip passes them to its output, and
+    `out.2` reads them back as swish(z) - swish(-z) = z, so eps = x_t / std(x_t) + a random part (its weights
+    scaled by `random_scale`). Everything else keeps PyTorch's ordinary initialisation.
+    """
+    base = model.base
+    with torch.no_grad():
+        model.down1.weight[:6] = 0
+        model.down1.bias[:6] = 0
+        model.up23.resblocks.skip.weight[:6] = 0
+        model.up23.resblocks.skip.bias[:6] = 0
+        model.up23.resblocks.conv2.weight[:6] *= random_scale
+        model.up23.resblocks.conv2.bias[:6] *= random_scale
+        model.out[2].weight *= random_scale
+        model.out[2].bias *= random_scale
+        for c in range(3):
+            model.down1.weight[c, c, 1, 1] = 1  # centre tap of the 3x3 kernel: d1[c] = x[c], d1[3 + c] = -x[c]
+            model.down1.weight[3 + c, c, 1, 1] = -1
+            model.out[2].weight[c, c, 1, 1] += 1
+            model.out[2].weight[c, 3 + c, 1, 1] -= 1
+        for k in range(6):
+            model.up23.resblocks.skip.weight[k, base + k] = 1  # up23's input is cat([h, d1]): d1 starts at `base`
+    return model
+
+
+def build_face(root, seed):
+    """`face/UNet.pt` (a plain state_dict, base 32), `face/noise/00..09.pt` (1x3x64x64) and `face/GT/00..09.png`.
+
+    The ground truth is made the way the course made its own, independently of p2_ddim's sampler: diffusers'
+    DDIMScheduler (the course's configuration, 50 steps, eta 0) around the toy UNet's forward pass, each image
+    saved by torchvision's `save_image(normalize=True)` (per-image min-max, then rounding to 8 bits).
+    """
+    folder = root / "face"
+    (folder / "noise").mkdir(parents=True)
+    (folder / "GT").mkdir()
+    with torch.random.fork_rng(devices=[]):  # the model initialises from the global RNG: seed it, then restore it
+        torch.manual_seed(seed)
+        model = wire_noise_path(FaceUNet(base=FACE_BASE).eval())
+    torch.save(model.state_dict(), folder / "UNet.pt")
+    generator = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(FACE_NOISES, 3, FACE_SIZE, FACE_SIZE, generator=generator)
+    for index, noise in enumerate(x_t):
+        torch.save(noise[None].clone(), folder / "noise" / f"{index:02d}.pt")
+    scheduler = DDIMScheduler(**DIFFUSERS_DDIM_CONFIG)
+    scheduler.set_timesteps(FACE_GT_STEPS)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = model(x_t, t.float().expand(FACE_NOISES))
+            x_t = scheduler.step(eps, t, x_t, eta=0.0).prev_sample
+    for index, image in enumerate(x_t):
+        save_image(image, folder / "GT" / f"{index:02d}.png", normalize=True)
+
+
 # ---------------------------------------------------------------------------------------------- build
 
-BUILDERS = [build_clip_zeroshot, build_textual_inversion]
+BUILDERS = [build_digits, build_clip_zeroshot, build_textual_inversion, build_tiny_clip, build_tiny_sd, build_face]
 
 
 def build_toy_world(out, seed=0):

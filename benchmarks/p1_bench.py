@@ -1,0 +1,154 @@
+"""P1 benchmark: training and sampling throughput, and evaluator accuracy per sampler and guidance weight.
+
+    python benchmarks/p1_bench.py --ckpt checkpoints/p1/ddpm.safetensors --data hw2_data/digits --report BENCH_p1.md
+
+Everything is measured side by side in one run on one device. Sampling speed is timed on a small subset and
+reported per image; accuracy uses `--per-digit` images per digit and dataset (one standard error is about
+sqrt(p (1 - p) / (10 * per_digit)) per dataset) scored by the evaluator of `p1_eval.py train`.
+"""
+
+import argparse
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from p1_eval import DISPLAY, EVALUATOR_NAME, accuracy, load_evaluator, predict  # noqa: E402
+from p1_inference import find_latest_checkpoint, generate, sample_plan  # noqa: E402
+from p1_model import DATASETS, Diffusion, diffusion_loss, final  # noqa: E402
+from p1_train import DEFAULT_DATA, DEFAULT_OUT, load_model_checkpoint, load_split, to_model_range  # noqa: E402
+from utils import Hw2Error, atomic_write_text, get_device, run_cli  # noqa: E402
+
+
+def training_rate(config, images, digits, dataset_ids, batch_size, steps, device):
+    """Images per second of optimizer steps (forward, backward, AdamW) on a fresh model, after one warm-up step."""
+    diffusion = Diffusion(config).to(device).train()
+    optimizer = torch.optim.AdamW(diffusion.parameters(), lr=1e-4)
+    start = None
+    for step in range(steps + 1):
+        if step == 1:
+            start = time.perf_counter()
+        idx = torch.randint(0, len(images), (batch_size,))
+        loss = diffusion_loss(diffusion.net, to_model_range(images[idx]).to(device), digits[idx].to(device),
+                              dataset_ids[idx].to(device), config, diffusion.alpha_bar)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def sampling_rate(diffusion, sampler, steps, guidance, count, device):
+    """Images per second for `count` guided images (x_T to x_0)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        x_T = torch.randn(count, 3, 28, 28, device=device)
+        labels = torch.arange(count, device=device) % 10
+        final(diffusion.sample(x_T, labels, labels % 2, w=guidance, sampler=sampler, steps=steps))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - start)
+
+
+def sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit, batch_size, device):
+    """Per-dataset evaluator accuracy of `per_digit` images per digit, and the seconds the sampling took."""
+    settings = Namespace(sampler=sampler, steps=steps, eta=0.0, guidance=guidance, seed=0, batch_size=batch_size)
+    start = time.perf_counter()
+    images, _ = generate(diffusion, settings, device, per_digit=per_digit)
+    seconds = time.perf_counter() - start
+    plan = sample_plan(per_digit)
+    dataset = torch.tensor([p[0] for p in plan])
+    digit = torch.tensor([p[1] for p in plan])
+    accs = [accuracy(predict(evaluator[name], images[dataset == d].to(device)), digit[dataset == d])[0]
+            for d, name in enumerate(DATASETS)]
+    return accs, seconds
+
+
+def parse_runs(text):
+    """"ddim:25:0,ddpm:1000:4" -> [("ddim", 25, 0.0), ("ddpm", 1000, 4.0)]."""
+    runs = []
+    for item in text.split(","):
+        try:
+            sampler, steps, guidance = item.split(":")
+            runs.append((sampler, int(steps), float(guidance)))
+        except ValueError as err:
+            raise Hw2Error(f"--runs item {item!r} is not sampler:steps:guidance (e.g. ddim:50:4)") from err
+        if sampler not in ("ddim", "ddpm"):
+            raise Hw2Error(f"--runs item {item!r}: the sampler must be ddim or ddpm")
+    return runs
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = get_device(args.device)
+    ckpt = Path(args.ckpt) if args.ckpt else find_latest_checkpoint(DEFAULT_OUT)
+    diffusion, state = load_model_checkpoint(ckpt)
+    diffusion = diffusion.to(device).eval()
+    config = diffusion.config
+    lines = [f"## P1 benchmark ({args.machine})", "",
+             f"Checkpoint `{ckpt}` (epoch {state.get('epoch')}, schedule {config.schedule}, prediction "
+             f"{config.prediction}, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M parameters), "
+             f"device {device}, {torch.get_num_threads()} torch threads.", ""]
+
+    images, digits, dataset_ids = load_split(args.data, "train", limit=args.train_images)
+    rate = training_rate(config, images, digits, dataset_ids, args.batch_size, args.train_steps, device)
+    lines += [f"- Training: {rate:.0f} images/s (batch {args.batch_size}, {args.train_steps} steps).", ""]
+    print(lines[-2], flush=True)
+
+    lines += ["| sampler | images/s | s per image | speed-up vs DDPM-1000 |", "|---|---|---|---|"]
+    rates = {}
+    for sampler, steps in (("ddpm", config.timesteps), ("ddim", 100), ("ddim", 50), ("ddim", 25)):
+        rates[(sampler, steps)] = sampling_rate(diffusion, sampler, steps, args.guidance, args.speed_images, device)
+    base = rates[("ddpm", config.timesteps)]
+    for (sampler, steps), r in rates.items():
+        lines.append(f"| {sampler.upper()}-{steps} (guided, w = {args.guidance}) | {r:.2f} | {1 / r:.3f} | "
+                     f"{r / base:.1f}x |")
+        print(lines[-1], flush=True)
+
+    if args.runs:
+        evaluator = load_evaluator(args.evaluator, device)
+        lines += ["", f"Evaluator accuracy, {args.per_digit} images per digit and dataset (seed 0):", "",
+                  "| sampler | guidance w | MNIST-M | SVHN | mean | sampling s |", "|---|---|---|---|---|---|"]
+        for sampler, steps, guidance in parse_runs(args.runs):
+            accs, seconds = sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, args.per_digit,
+                                             args.sample_batch, device)
+            lines.append(f"| {sampler.upper()}-{steps} | {guidance:g} | {accs[0]:.3f} | {accs[1]:.3f} | "
+                         f"{sum(accs) / 2:.3f} | {seconds:.0f} |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.report:
+        atomic_write_text(args.report, text)
+        print(f"Wrote {args.report}")
+    return text
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help=f"Diffusion checkpoint; default: the newest ddpm*.safetensors in {DEFAULT_OUT}.")
+    parser.add_argument("--data", type=str, default=DEFAULT_DATA, help="Digits folder for the training timing.")
+    parser.add_argument("--evaluator", type=str, default=str(Path(DEFAULT_OUT) / EVALUATOR_NAME),
+                        help="Evaluator checkpoint from `p1_eval.py train`.")
+    parser.add_argument("--train-images", type=int, default=256, help="Training images per dataset to load.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Batch size of the training timing.")
+    parser.add_argument("--train-steps", type=int, default=10, help="Timed optimizer steps.")
+    parser.add_argument("--speed-images", type=int, default=8, help="Images per sampling-speed measurement.")
+    parser.add_argument("--guidance", type=float, default=4.0, help="Guidance weight of the speed measurements.")
+    parser.add_argument("--runs", type=str, default="ddim:25:0,ddim:25:1,ddim:25:2,ddim:25:4,ddim:50:4,ddpm:1000:4",
+                        help="Accuracy runs as sampler:steps:guidance, comma-separated; empty to skip.")
+    parser.add_argument("--per-digit", type=int, default=10, help="Images per digit and dataset per accuracy run.")
+    parser.add_argument("--sample-batch", type=int, default=250, help="Batch size of the accuracy runs.")
+    parser.add_argument("--machine", type=str, default="2-core CPU, no GPU",
+                        help="Description of the machine, for the report's heading.")
+    parser.add_argument("--report", type=str, default=None, help="Also write the markdown table to this file.")
+    parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps; default: the best.")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

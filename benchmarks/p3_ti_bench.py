@@ -1,0 +1,199 @@
+"""Benchmark p3_textual_inversion: training step time and peak memory, fp32 vs mixed precision and gradient
+checkpointing, and generation images/s.
+
+    python -m benchmarks.p3_ti_bench                        # from the repository root; tiny toy SD on CPU
+    python -m benchmarks.p3_ti_bench --model sd14-config    # SD v1.4's architecture (random weights), for a GPU
+
+Each training configuration runs `p3_textual_inversion.train_step` (VAE encode, text encoder, UNet forward and
+backward, AdamW, row restore) in a fresh process, so each peak memory is its own: on CUDA
+`torch.cuda.max_memory_allocated` over the timed steps; on CPU the process's peak resident set
+(`resource.getrusage(...).ru_maxrss`, the whole process: Python, torch, the model, the steps), printed next to
+the resident set just before the first step. Speed and memory do not depend on the weights, so SD v1.4's
+architecture with random weights stands in for the real checkpoint. The tiny toy model (32 px) checks the code
+path only: its ratios say little about SD.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
+                       StableDiffusionPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import p3_textual_inversion as ti
+from toy_data import SD_V1_SCHEDULE, TINY_SD_DIR, build_tiny_sd, clip_bpe_tokenizer
+from utils import Hw2Error, get_device, run_cli, seed_everything
+
+REPO = Path(__file__).resolve().parents[1]
+SD14_RESOLUTION = 512
+
+
+def sd14_config_pipeline():
+    """Stable Diffusion v1.4's architecture (860 M UNet, 84 M VAE, 123 M CLIP ViT-L/14 text encoder), random weights."""
+    unet = UNet2DConditionModel(sample_size=SD14_RESOLUTION // 8, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4,
+                        sample_size=SD14_RESOLUTION)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                num_attention_heads=12, max_position_embeddings=77,
+                                                vocab_size=49408, hidden_act="quick_gelu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = clip_bpe_tokenizer(tmp)
+    scheduler = PNDMScheduler(**SD_V1_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_bench_pipeline(model, dtype=torch.float32):
+    return sd14_config_pipeline().to(dtype=dtype) if model == "sd14-config" else ti.load_pipeline(model, dtype)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resident_mb():
+    """The current resident set of this process in MB (Linux /proc)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def train_worker(job):
+    """Time `steps` training steps of one configuration; return the median step time and peak memory."""
+    device = torch.device(job["device"])
+    seed_everything(0)
+    pipe = load_bench_pipeline(job["model"])
+    resolution = job["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    new_ids = ti.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<bench>", 1, "dog")
+    embedding, autocast, scaler = ti.prepare_for_training(pipe, device, job["mixed_precision"], job["checkpointing"])
+    original = embedding.weight.detach().clone()
+    optimizer = torch.optim.AdamW([embedding.weight], lr=1e-3)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pixels = torch.rand(job["batch_size"], 3, resolution, resolution) * 2 - 1
+    input_ids = pipe.tokenizer(["a photo of a <bench>"] * job["batch_size"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+
+    def step():
+        ti.train_step(pipe, noise_scheduler, lambda: (pixels, input_ids), 1, optimizer, scaler, autocast, original,
+                      new_ids)
+        synchronize(device)
+
+    step()  # warm-up: allocator, kernels
+    rss_before = resident_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(job["steps"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        memory = {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "memory_kind": "cuda max allocated"}
+    else:
+        memory = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss_before,
+                  "memory_kind": "process ru_maxrss"}
+    return {"step_s": statistics.median(times), "resolution": resolution, **memory}
+
+
+def generate_worker(job):
+    """Images/s of p3_textual_inversion.sample_images (DPM-Solver++, the generate default)."""
+    device = torch.device(job["device"])
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # what generate uses
+    pipe = load_bench_pipeline(job["model"], dtype).to(device)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    seeds = list(range(job["batch_size"]))
+    ti.sample_images(pipe, "a photo of a dog", seeds, 2, 7.5, job["resolution"])  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(job["repeats"]):
+        ti.sample_images(pipe, "a photo of a dog", seeds, job["steps"], 7.5, job["resolution"])
+    synchronize(device)
+    return {"images_per_s": job["repeats"] * job["batch_size"] / (time.perf_counter() - start)}
+
+
+def run_worker(job):
+    """Run one job in a fresh Python process (its own peak memory) and return its JSON result."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.p3_ti_bench", "--worker", json.dumps(job)], cwd=REPO,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise Hw2Error(f"benchmark worker failed for {job}: {result.stderr.strip().splitlines()[-1]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        job = json.loads(args.worker)
+        if job["threads"]:
+            torch.set_num_threads(job["threads"])
+        print(json.dumps(train_worker(job) if job["kind"] == "train" else generate_worker(job)))
+        return
+    device = get_device(args.device)
+    args.model = args.model or ("sd14-config" if device.type == "cuda" else "tiny")
+    mixed = "fp16" if device.type == "cuda" else "bf16"  # CPU autocast's fast half type is bf16
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model == "tiny":
+            build_tiny_sd(Path(tmp), 0)
+            model = str(Path(tmp) / TINY_SD_DIR)
+        else:
+            model = args.model
+        base = {"device": str(device), "model": model, "batch_size": args.batch_size, "threads": args.threads,
+                "resolution": args.resolution}
+        configs = [("fp32", "no", False), ("fp32 + checkpointing", "no", True), (mixed, mixed, False),
+                   (f"{mixed} + checkpointing", mixed, True)]
+        rows = []
+        for name, precision, checkpointing in configs:
+            result = run_worker({**base, "kind": "train", "mixed_precision": precision, "checkpointing": checkpointing,
+                                 "steps": args.steps})
+            rows.append((name, result))
+            print(f"{name}: {result}", file=sys.stderr)
+        generation = run_worker({**base, "kind": "generate", "batch_size": args.gen_batch_size, "steps": 25,
+                                 "repeats": args.gen_repeats})
+    fp32 = rows[0][1]
+    label = "tiny toy SD" if args.model == "tiny" else args.model
+    print(f"### Textual inversion, {label} ({rows[0][1]['resolution']} px), {device}, batch {args.batch_size}, "
+          f"{args.threads or torch.get_num_threads()} torch thread(s)\n")
+    print(f"| configuration | step time (s) | x fp32 | peak memory (MB, {fp32['memory_kind']}) |")
+    print("|---|---|---|---|")
+    for name, result in rows:
+        memory = f"{result['peak_mb']:.0f}"
+        if "rss_before_mb" in result:
+            memory += f" (RSS before steps {result['rss_before_mb']:.0f})"
+        print(f"| {name} | {result['step_s']:.3f} | {result['step_s'] / fp32['step_s']:.2f} | {memory} |")
+    print(f"\nGeneration (DPM-Solver++, 25 steps, guidance 7.5, batch {args.gen_batch_size}, same size): "
+          f"{generation['images_per_s']:.2f} images/s")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="tiny (the toy model, built in a temp folder), sd14-config (SD v1.4's architecture, "
+                             "random weights), or a diffusers folder / .ckpt (default: sd14-config with CUDA, "
+                             "else tiny).")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the best available).")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="Image size in pixels (default: the model's own, 512 for SD v1.4, 32 for the toy).")
+    parser.add_argument("--batch-size", type=int, default=1, help="Training images per step.")
+    parser.add_argument("--steps", type=int, default=5, help="Timed training steps per configuration.")
+    parser.add_argument("--gen-batch-size", type=int, default=5, help="Images per generation call.")
+    parser.add_argument("--gen-repeats", type=int, default=2, help="Timed generation calls.")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 avoids spinning threads on a busy machine.")
+    parser.add_argument("--worker", default=None, help="Internal: run one JSON job and print its result.")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

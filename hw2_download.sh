@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Get the hw2 data into ./hw2_data: the course archive (needs internet), or the offline toy world.
+#
+#   bash hw2_download.sh            # download and extract the course archive with gdown
+#   bash hw2_download.sh --toy      # build the toy world offline (python toy_data.py)
+#   bash hw2_download.sh --help     # every option
+#
+# The archive is downloaded and extracted in a temp folder beside the target, its tree is checked, and only
+# then is it moved into place: a failure at any step leaves no zip, no half-extracted tree, and an existing
+# hw2_data untouched.
+set -euo pipefail
+
+FILE_ID="1W6Y1OmjzNw2qHoGDCpGOwGpw27wLg1fi"  # Google Drive id of the course's hw2_data.zip
+EXPECTED=(digits/mnistm digits/svhn face textual_inversion clip_zeroshot)
+TOY_MARKER="TOY"  # written by toy_data.py at the root of a toy world
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+# Probed (5 s timeout) before downloading so that an offline machine fails at once; empty skips the probe.
+NET_CHECK_URL="${HW2_NET_CHECK_URL-https://drive.google.com}"
+
+usage() {
+    cat <<EOF
+Usage: bash hw2_download.sh [--toy] [--force] [--out DIR] [--seed N]
+
+Without --toy, download the course archive (gdown id $FILE_ID), check that it holds
+${EXPECTED[*]}, and move it to DIR. A complete DIR is kept as it is.
+
+  --toy        Build the offline toy world in DIR with toy_data.py instead (never overwrites real data).
+  --force      Download again even if DIR is complete; the old DIR is replaced only once the new one is complete.
+  --out DIR    Target folder (default: hw2_data).
+  --seed N     Seed of the toy world (default: 0; only with --toy).
+  -h, --help   Show this help.
+
+Environment: PYTHON (default python3) runs toy_data.py and the archive extraction;
+HW2_NET_CHECK_URL (default https://drive.google.com) is probed before downloading, empty skips the probe.
+EOF
+}
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+toy=0
+force=0
+out="hw2_data"
+seed=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --toy) toy=1 ;;
+        --force) force=1 ;;
+        --out)
+            [[ $# -ge 2 && -n "$2" ]] || die "--out needs a folder, e.g. --out hw2_data"
+            out="$2"
+            shift
+            ;;
+        --seed)
+            [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || die "--seed needs a non-negative integer, e.g. --seed 0"
+            seed="$2"
+            shift
+            ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *) die "unknown option '$1': see bash hw2_download.sh --help" ;;
+    esac
+    shift
+done
+out="${out%/}"
+
+if [[ $toy -eq 1 ]]; then
+    # toy_data.py builds in a temp folder and swaps it in; it refuses to overwrite a real hw2_data itself
+    exec "$PYTHON" "$SCRIPT_DIR/toy_data.py" --out "$out" --seed "$seed"
+fi
+
+# The parts of the expected tree that `$1` lacks, one per line.
+missing_parts() {
+    local part
+    for part in "${EXPECTED[@]}"; do
+        [[ -d "$1/$part" ]] || echo "$part"
+    done
+}
+
+if [[ -e "$out" ]]; then
+    if [[ -f "$out/$TOY_MARKER" ]]; then
+        echo "$out is a toy world: it will be replaced by the course data."
+    elif [[ -z "$(missing_parts "$out")" && $force -eq 0 ]]; then
+        echo "$out is already complete; nothing to do (use --force to download it again)."
+        exit 0
+    elif [[ $force -eq 0 ]]; then
+        die "$out exists but lacks $(missing_parts "$out" | paste -sd ' '): move it away or rerun with --force"
+    fi
+fi
+
+command -v gdown >/dev/null || die "gdown is not installed: run pip install -r requirements.txt"
+if [[ -n "$NET_CHECK_URL" ]]; then
+    "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$NET_CHECK_URL" \
+        >/dev/null 2>&1 ||
+        die "cannot reach $NET_CHECK_URL (offline?): the course archive needs internet; for the offline toy world run: bash hw2_download.sh --toy"
+fi
+
+parent="$(dirname "$out")"
+mkdir -p "$parent"
+# beside the target, so that the final move is a rename on the same file system
+work="$(mktemp -d "$parent/.hw2_download.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
+
+gdown "$FILE_ID" -O "$work/hw2_data.zip" ||
+    die "downloading the course archive failed (see gdown's message above); nothing was kept"
+"$PYTHON" -m zipfile -e "$work/hw2_data.zip" "$work/extract" ||
+    die "cannot extract the downloaded archive (corrupt download?); nothing was kept, try again"
+rm -f "$work/hw2_data.zip"
+
+# the archive may hold the tree at its top level or inside a hw2_data/ folder
+root="$work/extract"
+[[ -d "$root/hw2_data" ]] && root="$root/hw2_data"
+lacking="$(missing_parts "$root" | paste -sd ' ')"
+[[ -z "$lacking" ]] || die "the downloaded archive lacks $lacking; nothing was kept"
+
+if [[ -e "$out" ]]; then
+    mv "$out" "$work/previous"
+    mv "$root" "$out" || {
+        mv "$work/previous" "$out"
+        die "cannot move the new data to $out; the previous $out was kept"
+    }
+else
+    mv "$root" "$out"
+fi
+echo "Course data ready in $out."

@@ -1,0 +1,439 @@
+"""P1: a digit- and dataset-conditional U-Net and the DDPM / DDIM math around it (no file I/O, no argparse).
+
+Used by p1_train.py, p1_inference.py and benchmarks/p1_bench.py; the tests call the pure functions directly:
+
+    python -m pytest -q tests/test_p1_model.py
+
+Notation (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"):
+    beta_t       noise variance added at step t            alpha_t = 1 - beta_t
+    alpha_bar_t  prod_{s<=t} alpha_s                        x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+    v            sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0   (Salimans & Ho 2022, "v-prediction")
+    sigma_t      standard deviation of the noise a sampler step adds; eta scales it in DDIM (eta = 1: DDPM's)
+Timesteps are array indices 0..T-1 into the schedule, as in diffusers: index t holds the noise level of the
+paper's x_{t+1}. The samplers yield (paper t, x_t) pairs, from (T, x_T) down to (0, x_0), for figures.
+
+Classifier-free guidance (Ho & Salimans 2022) uses a learned null id for each label; the guided output is
+(1 + w) * f(x, c) - w * f(x, null), so w = 0 is the plain conditional model. Guidance is linear in the output,
+so applying it to v is the same as applying it to eps.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_DIGITS = 10
+NUM_DATASETS = 2
+DATASETS = ("mnistm", "svhn")  # dataset id = index here
+NULL_DIGIT = NUM_DIGITS  # learned "no digit" id used for classifier-free guidance
+NULL_DATASET = NUM_DATASETS
+
+
+@dataclass(frozen=True)
+class P1Config:
+    """Everything needed to rebuild the network and its noise schedule; saved inside every checkpoint.
+
+    The defaults are the course's DDPM (linear betas 1e-4..0.02 over T = 1000, eps-prediction); the presets
+    below change what the measurements in the README say is worth changing.
+    """
+
+    image_size: int = 28
+    channels: int = 3
+    unshuffle: int = 1  # pixel-unshuffle factor: 2 packs 3x28x28 into 12x14x14 (4x fewer conv FLOPs per width)
+    widths: tuple = (64, 128, 256)  # channels per resolution level; each level after the first halves H and W
+    blocks_per_level: int = 2
+    attention_heads: int = 4  # self-attention at the lowest resolution only
+    groups: int = 8  # GroupNorm groups
+    embed_dim: int = 256  # width of the fused time + digit + dataset embedding
+    dropout: float = 0.0
+    timesteps: int = 1000
+    schedule: str = "linear"  # "linear" (DDPM) or "cosine" (Nichol & Dhariwal 2021, diffusers' squaredcos_cap_v2)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "eps"  # what the network predicts: "eps" or "v"
+    min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain MSE
+    label_dropout: float = 0.1  # probability of replacing each label by its null id during training
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(self.widths))  # JSON round trips give lists
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+        if (self.image_size // self.unshuffle) % 2 ** (len(self.widths) - 1):
+            raise ValueError(f"image size {self.image_size} / unshuffle {self.unshuffle} cannot be halved "
+                             f"{len(self.widths) - 1} times")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Rebuild from a checkpoint's dict; unknown or badly typed fields raise ValueError/TypeError."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        return cls(**values)
+
+
+PRESETS = {
+    # 2 CPU cores: pack 2x2 pixels into channels, two narrow levels (14x14, 7x7), attention at 7x7:
+    # ~0.7 M parameters, ~0.1 GFLOP per image. Cosine schedule + v-prediction + min-SNR-5 learned ~2x faster
+    # than the course's linear/eps schedule in the same 12 minutes (README, P1).
+    "toy": P1Config(unshuffle=2, widths=(32, 64), blocks_per_level=1, embed_dim=128, schedule="cosine",
+                    prediction="v", min_snr_gamma=5.0),
+    # GPU: full resolution 28 -> 14 -> 7, widths 64/128/256, two residual blocks per level, attention at 7x7.
+    "full": P1Config(unshuffle=1, widths=(64, 128, 256), blocks_per_level=2, embed_dim=256, dropout=0.1,
+                     schedule="cosine", prediction="v", min_snr_gamma=5.0),
+}
+
+
+def preset(name, **overrides):
+    """A preset config ("toy" or "full") with some fields replaced (e.g. schedule="linear", prediction="eps")."""
+    return replace(PRESETS[name], **overrides)
+
+
+# ------------------------------------------------------------------------------------------- schedules
+
+
+def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02):
+    """DDPM's betas: evenly spaced from beta_start to beta_end (Ho et al. 2020, sec. 4), float64."""
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999):
+    """Betas of alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2) (Nichol & Dhariwal 2021, eq. 17), float64.
+
+    beta_t = 1 - alpha_bar((t+1)/T) / alpha_bar(t/T), capped at max_beta so the last step is not singular;
+    this is diffusers' "squaredcos_cap_v2".
+    """
+    def alpha_bar(u):
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), max_beta) for i in range(timesteps)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def make_betas(config):
+    if config.schedule == "linear":
+        return linear_beta_schedule(config.timesteps, config.beta_start, config.beta_end)
+    return cosine_beta_schedule(config.timesteps)
+
+
+def alpha_bar_from_betas(betas):
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def _at(values, t, x):
+    """values[t] for a batch of timesteps t, shaped [B, 1, 1, 1] in x's dtype for broadcasting over images."""
+    t = torch.as_tensor(t, device=values.device).reshape(-1)
+    return values[t].to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def q_sample(x0, t, alpha_bar, noise):
+    """Sample from q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) with the given noise (DDPM eq. 4)."""
+    a = _at(alpha_bar, t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def v_target(x0, noise, alpha_bar_t):
+    """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, sec. 4); alpha_bar_t broadcast."""
+    return alpha_bar_t.sqrt() * noise - (1 - alpha_bar_t).sqrt() * x0
+
+
+def to_x0_eps(output, x_t, alpha_bar_t, prediction):
+    """The network output (eps or v) as the pair (x0_pred, eps) at noise level alpha_bar_t (broadcast)."""
+    a, b = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
+    if prediction == "eps":
+        return (x_t - b * output) / a, output
+    return a * x_t - b * output, a * output + b * x_t  # v: x_0 = a x_t - b v, eps = a v + b x_t
+
+
+def q_posterior(x0, x_t, t, betas, alpha_bar):
+    """Mean and variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7), for array index t (alpha_bar_prev = 1 at t = 0)."""
+    a_t = _at(alpha_bar, t, x_t)
+    a_prev = _at(torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]]), t, x_t)
+    beta_t = _at(betas, t, x_t)
+    mean = (beta_t * a_prev.sqrt() / (1 - a_t)) * x0 + ((1 - a_prev) * (1 - beta_t).sqrt() / (1 - a_t)) * x_t
+    variance = beta_t * (1 - a_prev) / (1 - a_t)
+    return mean, variance
+
+
+def ddpm_step(output, x_t, t, betas, alpha_bar, noise, prediction, clip=True):
+    """One ancestral step x_t -> x_{t-1} ~ N(posterior mean, sigma_t^2 I), sigma_t^2 the posterior variance.
+
+    x_0 is predicted from the network output and (clip=True) clamped to the data range [-1, 1] before the
+    posterior mean is formed; no noise is added at t = 0. `t` is one int for the whole batch.
+    """
+    x0, _ = to_x0_eps(output, x_t, _at(alpha_bar, t, x_t), prediction)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    mean, variance = q_posterior(x0, x_t, t, betas, alpha_bar)
+    return mean if t == 0 else mean + variance.sqrt() * noise
+
+
+def ddim_timesteps(timesteps, steps, spacing="trailing"):
+    """The DDIM sub-sequence of array indices, largest first (diffusers' "leading" / "trailing" spacing).
+
+    "trailing" starts at T-1, the noisiest level, which is where x_T ~ N(0, I) belongs (Lin et al. 2024).
+    """
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"DDIM steps must be in 1..{timesteps}, got {steps}")
+    ratio = timesteps // steps
+    if spacing == "leading":
+        return [i * ratio for i in reversed(range(steps))]
+    if spacing == "trailing":
+        return [round(timesteps - i * timesteps / steps) - 1 for i in range(steps)]
+    raise ValueError(f"spacing must be 'leading' or 'trailing', got {spacing!r}")
+
+
+def ddim_step(output, x_t, t, t_prev, alpha_bar, eta, noise, prediction, clip=True):
+    """One DDIM step x_t -> x_{t_prev} (DDIM eq. 12) with sigma_t from eq. 16; t_prev < 0 means alpha_bar = 1.
+
+        x_{t_prev} = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t noise
+        sigma_t    = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
+    As in diffusers, clipping changes x0_pred only, not eps.
+    """
+    a_t = _at(alpha_bar, t, x_t)
+    a_prev = _at(alpha_bar, t_prev, x_t) if t_prev >= 0 else torch.ones_like(a_t)
+    x0, eps = to_x0_eps(output, x_t, a_t, prediction)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+    return x_prev + sigma * noise if eta > 0 else x_prev
+
+
+def guided_output(model, x_t, t, digit, dataset, w):
+    """Classifier-free guidance in ONE batched forward: (1 + w) f(x, digit, dataset) - w f(x, null, null)."""
+    if w == 0:
+        return model(x_t, t, digit, dataset)
+    batch = x_t.shape[0]
+    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                torch.cat([digit, torch.full_like(digit, NULL_DIGIT)]),
+                torch.cat([dataset, torch.full_like(dataset, NULL_DATASET)]))
+    out_c, out_u = out[:batch], out[batch:]
+    return (1 + w) * out_c - w * out_u
+
+
+def drop_labels(digit, dataset, p, generator=None):
+    """Replace each label by its null id independently with probability p (classifier-free guidance training)."""
+    drop_digit = torch.rand(digit.shape, generator=generator, device=digit.device) < p
+    drop_dataset = torch.rand(dataset.shape, generator=generator, device=dataset.device) < p
+    return digit.masked_fill(drop_digit, NULL_DIGIT), dataset.masked_fill(drop_dataset, NULL_DATASET)
+
+
+def loss_weight(alpha_bar_t, prediction, gamma):
+    """min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR + 1) for v.
+
+    Both make the loss an x_0-MSE weighted by min(SNR, gamma); gamma = 0 gives plain (weight 1) MSE.
+    """
+    if gamma <= 0:
+        return torch.ones_like(alpha_bar_t)
+    snr = alpha_bar_t / (1 - alpha_bar_t)
+    return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
+
+
+def diffusion_loss(model, x0, digit, dataset, config, alpha_bar, generator=None):
+    """The training loss for a batch: t ~ U{0..T-1}, eps ~ N(0, I), labels dropped with p = label_dropout,
+    (weighted) MSE between the network output and its target (eps, or v). Randomness from `generator`."""
+    batch = x0.shape[0]
+    t = torch.randint(0, config.timesteps, (batch,), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = q_sample(x0, t, alpha_bar, noise)
+    digit, dataset = drop_labels(digit, dataset, config.label_dropout, generator)
+    a_t = _at(alpha_bar, t, x0)
+    target = noise if config.prediction == "eps" else v_target(x0, noise, a_t)
+    output = model(x_t, t, digit, dataset).float()
+    per_image = (output - target).pow(2).mean(dim=(1, 2, 3))
+    return (loss_weight(a_t.reshape(-1), config.prediction, config.min_snr_gamma) * per_image).mean()
+
+
+# -------------------------------------------------------------------------------------------- samplers
+
+
+def ddpm_sample(denoise, x_T, betas, alpha_bar, prediction, generator=None, clip=True):
+    """Ancestral DDPM sampling over all T steps (DDPM Algorithm 2). Yields (paper t, x_t): (T, x_T) ... (0, x_0).
+
+    `denoise(x_t, t)` returns the (guided) network output for a batch and a [B] tensor of array indices.
+    """
+    x = x_T
+    yield len(betas), x
+    for t in reversed(range(len(betas))):
+        output = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if t > 0 else None
+        x = ddpm_step(output, x, t, betas, alpha_bar, noise, prediction, clip)
+        yield t, x
+
+
+def ddim_sample(denoise, x_T, alpha_bar, prediction, steps, eta=0.0, generator=None, clip=True,
+                spacing="trailing"):
+    """DDIM sampling over `steps` sub-sampled timesteps. Yields (paper t, x_t): x_T first, x_0 last."""
+    sequence = ddim_timesteps(len(alpha_bar), steps, spacing)
+    x = x_T
+    yield sequence[0] + 1, x
+    for t, t_prev in zip(sequence, sequence[1:] + [-1]):
+        output = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
+        x = ddim_step(output, x, t, t_prev, alpha_bar, eta, noise, prediction, clip)
+        yield t_prev + 1, x
+
+
+def final(samples):
+    """Run a sampler generator to the end and return x_0."""
+    x = None
+    for _, x in samples:
+        pass
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- network
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, as in DDPM): [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a residual path; the conditioning embedding sets a per-channel
+    scale and shift after the second norm (FiLM / adaptive GroupNorm, as in improved-diffusion)."""
+
+    def __init__(self, in_ch, out_ch, embed_dim, groups, dropout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(embed_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual path."""
+
+    def __init__(self, channels, heads, groups):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        # [B, heads, head_dim, HW] -> [B, heads, HW, head_dim] for attention over positions
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class ConditionalUNet(nn.Module):
+    """U-Net eps/v-predictor for 3x28x28 images conditioned on (timestep, digit 0-9 or null, dataset 0-1 or null).
+
+    The time embedding (sinusoidal + MLP) and the learned digit and dataset embeddings are summed into one
+    vector that every residual block receives. Down path: per level `blocks_per_level` residual blocks, each
+    output kept as a skip, then a stride-2 conv; the lowest level adds self-attention after each block; the
+    middle is block-attention-block; the up path mirrors the down path, concatenating the skips.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c, e, g = config.channels * config.unshuffle**2, config.embed_dim, config.groups
+        widths, last = config.widths, len(config.widths) - 1
+        self.time_mlp = nn.Sequential(nn.Linear(widths[0], e), nn.SiLU(), nn.Linear(e, e))
+        self.digit_emb = nn.Embedding(NUM_DIGITS + 1, e)
+        self.dataset_emb = nn.Embedding(NUM_DATASETS + 1, e)
+        self.conv_in = nn.Conv2d(c, widths[0], 3, padding=1)
+
+        def level_blocks(chans_in, width, level):
+            blocks = nn.ModuleList()
+            for ch in chans_in:
+                blocks.append(ResBlock(ch, width, e, g, config.dropout))
+                blocks.append(SelfAttention(width, config.attention_heads, g) if level == last else nn.Identity())
+            return blocks
+
+        self.down, self.downsample, skip_widths, ch = nn.ModuleList(), nn.ModuleList(), [], widths[0]
+        for level, width in enumerate(widths):
+            self.down.append(level_blocks([ch] + [width] * (config.blocks_per_level - 1), width, level))
+            skip_widths += [width] * config.blocks_per_level
+            ch = width
+            self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1) if level < last else nn.Identity())
+        self.mid1 = ResBlock(ch, ch, e, g, config.dropout)
+        self.mid_attn = SelfAttention(ch, config.attention_heads, g)
+        self.mid2 = ResBlock(ch, ch, e, g, config.dropout)
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            chans_in = []
+            for _ in range(config.blocks_per_level):
+                chans_in.append(ch + skip_widths.pop())
+                ch = width
+            self.up.append(level_blocks(chans_in, width, level))
+            self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                               nn.Conv2d(ch, widths[level - 1], 3, padding=1))
+                                 if level > 0 else nn.Identity())
+            ch = widths[level - 1] if level > 0 else ch
+        self.norm_out = nn.GroupNorm(g, ch)
+        self.conv_out = nn.Conv2d(ch, c, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # predict 0 at first: the loss starts at the target's variance
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, t, digit, dataset):
+        """x: [B, 3, 28, 28], t: [B] array indices, digit: [B] in 0..10, dataset: [B] in 0..2 -> [B, 3, 28, 28]."""
+        emb = (self.time_mlp(timestep_embedding(t, self.config.widths[0])) + self.digit_emb(digit)
+               + self.dataset_emb(dataset))
+        h = self.conv_in(F.pixel_unshuffle(x, self.config.unshuffle))  # [B, 3 r^2, 28/r, 28/r]
+        skips = []
+        for blocks, down in zip(self.down, self.downsample):
+            for block, attn in zip(blocks[::2], blocks[1::2]):
+                h = attn(block(h, emb))
+                skips.append(h)
+            h = down(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for blocks, up in zip(self.up, self.upsample):
+            for block, attn in zip(blocks[::2], blocks[1::2]):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+            h = up(h)
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.config.unshuffle)
+
+
+class Diffusion(nn.Module):
+    """The network plus its noise schedule, kept as float64 buffers computed once from the config."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.net = ConditionalUNet(config)
+        betas = make_betas(config)
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("alpha_bar", alpha_bar_from_betas(betas), persistent=False)
+
+    def loss(self, x0, digit, dataset, generator=None):
+        return diffusion_loss(self.net, x0, digit, dataset, self.config, self.alpha_bar, generator)
+
+    def sample(self, x_T, digit, dataset, w=0.0, sampler="ddim", steps=50, eta=0.0, generator=None):
+        """Generator of (paper t, x_t) from x_T to x_0 for the given labels, guidance w and sampler."""
+        def denoise(x_t, t):
+            return guided_output(self.net, x_t, t, digit, dataset, w).to(x_t.dtype)
+
+        if sampler == "ddpm":
+            return ddpm_sample(denoise, x_T, self.betas, self.alpha_bar, self.config.prediction, generator)
+        if sampler == "ddim":
+            return ddim_sample(denoise, x_T, self.alpha_bar, self.config.prediction, steps, eta, generator)
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")

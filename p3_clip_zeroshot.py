@@ -1,0 +1,462 @@
+"""P3: CLIP zero-shot classification of `clip_zeroshot/val` with open_clip (Radford et al. 2021, sec. 3.1.2).
+
+    python p3_clip_zeroshot.py --data hw2_data/clip_zeroshot --model ViT-B-32 --pretrained openai \\
+        --prompts single --out outputs/p3_clip_zeroshot
+
+Each class name becomes prompts ("a photo of a willow tree."); the text encoder turns them into one unit vector
+per class (the mean over templates, re-normalised: CLIP's prompt ensembling), stacked into a [D, C] classifier.
+Every image is encoded once; its class is the argmax of the cosine similarities, scaled by 100 as CLIP does.
+
+Writes to --out: `predictions.csv` (image, label, prediction, score, top5), `cases.png` (successes and failures
+with truth, prediction and confidence) and `metrics.json` (accuracies, per-class accuracy, settings).
+On a toy world (`toy_data.py`) the default model is its tiny random-weight CLIP, so accuracy there is at chance.
+"""
+
+import argparse
+import csv
+import difflib
+import io
+import json
+import logging
+import os
+import re
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from utils import (Hw2Error, announce_toy_world, atomic_path, atomic_write_text, autocast, find_toy_root, get_device,
+                   load_rgb, run_cli, seed_everything)
+
+TINY_CLIP_DIR = Path("toy_models") / "open_clip"  # a toy world's tiny CLIP (toy_data.build_tiny_clip): config JSON
+TINY_CLIP_NAME = "toy-tiny-clip"  # and .safetensors weights, both named after the model
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+LOGIT_SCALE = 100.0  # CLIP's learned temperature ends at its clamp, exp(4.6052) = 100; fixed here as in the paper
+TOP_K = 5
+IMAGE_NAME = re.compile(r"(\d+)_(\d+)\.png")  # val/{class_id}_{idx}.png
+SINGLE_TEMPLATES = ("a photo of a {}.",)
+# The 18 CIFAR-100 templates CLIP's zero-shot results used (openai/CLIP data/prompts.md, "CIFAR100").
+# open_clip ships only ImageNet template lists (zero_shot_metadata), so the CIFAR-100 list lives here.
+CIFAR100_TEMPLATES = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low contrast photo of a {}.",
+    "a high contrast photo of a {}.",
+    "a bad photo of a {}.",
+    "a good photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a big {}.",
+    "a photo of the {}.",
+    "a blurry photo of the {}.",
+    "a black and white photo of the {}.",
+    "a low contrast photo of the {}.",
+    "a high contrast photo of the {}.",
+    "a bad photo of the {}.",
+    "a good photo of the {}.",
+    "a photo of the small {}.",
+    "a photo of the big {}.",
+)
+CELL = 160  # side of one enlarged image in cases.png
+FONT_SIZE = 13
+GREEN, RED, GREY = (0, 120, 0), (190, 0, 0), (60, 60, 60)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def clean_class_name(name):
+    """A label as a prompt word: `willow_tree` -> `willow tree`."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def read_id2label(folder):
+    """{class_id: label} from `folder/id2label.json`, class ids as ints, in numeric order."""
+    path = Path(folder) / "id2label.json"
+    if not path.is_file():
+        raise Hw2Error(f"{path} not found: --data must be the clip_zeroshot folder holding id2label.json and val/")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        id2label = {int(class_id): str(label) for class_id, label in raw.items()}
+    except (ValueError, AttributeError) as err:
+        raise Hw2Error(f"{path} must be a JSON object mapping class ids to names, like {{\"0\": \"apple\"}} "
+                       f"({err})") from err
+    if not id2label:
+        raise Hw2Error(f"{path} lists no classes")
+    return dict(sorted(id2label.items()))
+
+
+def list_images(folder, id2label):
+    """The `val/{class_id}_{idx}.png` paths and their class ids, sorted by class id then idx (numerically)."""
+    val = Path(folder) / "val"
+    if not val.is_dir():
+        raise Hw2Error(f"{val} not found: --data must be the clip_zeroshot folder holding id2label.json and val/")
+    entries = []
+    for path in val.glob("*.png"):
+        match = IMAGE_NAME.fullmatch(path.name)
+        if match is None:
+            raise Hw2Error(f"{path} is not named {{class_id}}_{{idx}}.png: rename or remove it")
+        class_id, idx = int(match[1]), int(match[2])
+        if class_id not in id2label:
+            raise Hw2Error(f"{path} has class id {class_id}, which {Path(folder) / 'id2label.json'} does not list")
+        entries.append((class_id, idx, path))
+    if not entries:
+        raise Hw2Error(f"{val} holds no .png images")
+    entries.sort(key=lambda entry: entry[:2])
+    return [path for _, _, path in entries], [class_id for class_id, _, _ in entries]
+
+
+def load_templates(spec):
+    """Prompt templates: `single`, `ensemble` (CLIP's 18 CIFAR-100 templates) or a file, one template per line."""
+    if spec == "single":
+        return list(SINGLE_TEMPLATES)
+    if spec == "ensemble":
+        return list(CIFAR100_TEMPLATES)
+    path = Path(spec)
+    if not path.is_file():
+        raise Hw2Error(f"--prompts {spec!r} is not 'single', 'ensemble' or an existing file of templates")
+    templates = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        template = line.strip()
+        if not template:
+            continue
+        try:
+            ok = "{}" in template and template.format("x") is not None
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise Hw2Error(f"{path} line {number} ({template!r}) must contain one {{}} for the class name "
+                           f"and no other braces")
+        templates.append(template)
+    if not templates:
+        raise Hw2Error(f"{path} holds no templates: write one per line, e.g. 'a photo of a {{}}.'")
+    return templates
+
+
+class ImageFiles(Dataset):
+    """Preprocessed images in file order. A file that cannot be read comes back as its error message, because an
+    exception raised in a DataLoader worker would reach the user as a traceback instead of one line."""
+
+    def __init__(self, paths, preprocess):
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            return self.preprocess(load_rgb(self.paths[index]))
+        except Hw2Error as err:
+            return str(err)
+
+
+def collate_images(items):
+    """Stack a batch of image tensors, or pass on the first error message in it."""
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.stack(items)
+
+
+def make_loader(paths, preprocess, batch_size, workers, device):
+    return DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate_images, pin_memory=torch.device(device).type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+@contextmanager
+def quiet_logging():
+    """open_clip logs its errors on the root logger before raising them; we report the raised error once."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def register_config(path):
+    """Add an open_clip model config JSON to open_clip's registry; its model name is the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise Hw2Error(f"model config {path} not found: pass --model NAME (e.g. {DEFAULT_MODEL}) "
+                       f"or the path of an open_clip config JSON")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise Hw2Error(f"model config {path} is not valid JSON ({err})") from err
+    if not (isinstance(config, dict) and all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg"))):
+        raise Hw2Error(f"{path} is not an open_clip model config: it needs embed_dim, vision_cfg and text_cfg")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def resolve_model(model, pretrained, data):
+    """(open_clip model name, pretrained tag or weights file) from the flags; None picks the defaults.
+
+    The default model is ViT-B-32 with OpenAI's weights, or the toy world's tiny CLIP when --data is in one.
+    A config JSON is registered with open_clip; its default weights are the `.safetensors` file beside it.
+    """
+    if model is None:
+        toy_root = find_toy_root(data)
+        model = str(toy_root / TINY_CLIP_DIR / f"{TINY_CLIP_NAME}.json") if toy_root else DEFAULT_MODEL
+    if model.endswith(".json"):
+        name = register_config(model)
+        weights = Path(model).with_suffix(".safetensors")
+        if pretrained is None and not weights.is_file():
+            raise Hw2Error(f"no weights {weights} beside --model {model}: pass --pretrained PATH")
+        pretrained = pretrained or str(weights)
+    else:
+        name = model
+        if name not in open_clip.list_models():
+            close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+            hint = f"close names: {', '.join(close)}" if close else "open_clip.list_models() lists them"
+            raise Hw2Error(f"unknown --model {name!r} ({hint}); a path to an open_clip config JSON also works")
+        pretrained = pretrained or DEFAULT_PRETRAINED
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags and not Path(pretrained).is_file():
+        known = f"its tags: {', '.join(tags)}" if tags else f"{name} has no published tags"
+        raise Hw2Error(f"--pretrained {pretrained!r} is neither a weights file nor a pretrained tag of {name} "
+                       f"({known})")
+    return name, pretrained
+
+
+def load_clip(name, pretrained, device):
+    """open_clip model (eval mode), its own evaluation preprocessing and its tokenizer."""
+    try:
+        with quiet_logging():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except Exception as err:  # download, unpickling, shape or key mismatch: open_clip raises many kinds
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = ("; tags are downloaded from the Hugging Face hub on first use (internet needed once), "
+                "or pass --pretrained PATH to a local weights file") if not Path(pretrained).is_file() else ""
+        raise Hw2Error(f"cannot load --pretrained {pretrained!r} into {name}: {reason}{hint}") from err
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+# ----------------------------------------------------------------------------------- zero-shot math
+
+
+def text_classifier(text_features, num_classes):
+    """[C*T, D] prompt features (class-major) -> [D, C] zero-shot weights.
+
+    Per class: the mean of its T L2-normalised template features, normalised again (CLIP's prompt ensembling).
+    """
+    per_class = F.normalize(text_features.float(), dim=-1).reshape(num_classes, -1, text_features.shape[-1])
+    return F.normalize(per_class.mean(dim=1), dim=-1).T
+
+
+def zero_shot_logits(image_features, classifier):
+    """LOGIT_SCALE * cosine similarity of each image to each class: [N, D] x [D, C] -> [N, C]."""
+    return LOGIT_SCALE * F.normalize(image_features.float(), dim=-1) @ classifier
+
+
+def build_classifier(model, tokenizer, classnames, templates, device, batch_size):
+    """Encode every (class, template) prompt once and reduce them to the [D, C] classifier."""
+    prompts = [template.format(name) for name in classnames for template in templates]  # class-major
+    features = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="text prompts", unit="batch"):
+        tokens = tokenizer(prompts[start:start + batch_size]).to(device)
+        with torch.inference_mode(), autocast(device):
+            features.append(model.encode_text(tokens).float())
+    return text_classifier(torch.cat(features), len(classnames))
+
+
+def classify(model, batches, classifier, device, k):
+    """Top-k softmax probabilities and class indices ([N, k] each, on the CPU) of every image, in order."""
+    top_probs, top_classes = [], []
+    for pixels in tqdm(batches, desc="images", unit="batch"):
+        if isinstance(pixels, str):
+            raise Hw2Error(pixels)
+        with torch.inference_mode(), autocast(device):
+            features = model.encode_image(pixels.to(device, non_blocking=True))
+        probs, classes = zero_shot_logits(features, classifier).softmax(dim=-1).topk(k, dim=-1)
+        top_probs.append(probs.cpu())
+        top_classes.append(classes.cpu())
+    return torch.cat(top_probs), torch.cat(top_classes)
+
+
+def per_class_rows(predictions, labels, classnames):
+    """Per class with images: (name, correct, total, most frequent wrong prediction or None), worst first."""
+    rows = []
+    for c, name in enumerate(classnames):
+        mask = labels == c
+        if not mask.any():
+            continue
+        wrong = Counter(predictions[mask & (predictions != c)].tolist()).most_common(1)
+        confusion = (classnames[wrong[0][0]], wrong[0][1]) if wrong else None
+        rows.append((name, int((predictions[mask] == c).sum()), int(mask.sum()), confusion))
+    return sorted(rows, key=lambda row: (row[1] / row[2], row[0]))
+
+
+def choose_cases(correct, count, seed):
+    """`count` successes and `count` failures drawn with `seed` (fewer if there are fewer), each in file order."""
+    order = torch.randperm(len(correct), generator=torch.Generator().manual_seed(seed))
+    successes = sorted(order[correct[order]][:count].tolist())
+    failures = sorted(order[~correct[order]][:count].tolist())
+    return successes, failures
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+def predictions_csv(paths, labels, top_probs, top_classes, names):
+    """CSV text: image, label, prediction, score (softmax probability of the prediction), top5 (names, `|`)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "label", "prediction", "score", "top5"])
+    for path, label, probs, classes in zip(paths, labels.tolist(), top_probs.tolist(), top_classes.tolist()):
+        writer.writerow([Path(path).name, names[label], names[classes[0]], f"{probs[0]:.4f}",
+                         "|".join(names[c] for c in classes)])
+    return buffer.getvalue()
+
+
+def fit_text(draw, text, font, width):
+    """`text`, cut with an ellipsis so that it fits in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def draw_cases(rows, count):
+    """One figure: per row a title and up to `count` enlarged images, each with truth, prediction, confidence.
+
+    `rows` is a list of (title, colour, [(image, truth, prediction, confidence)]).
+    """
+    font = ImageFont.load_default(size=FONT_SIZE)
+    line = FONT_SIZE + 4
+    pad = 8
+    row_height = line + CELL + 3 * line + pad
+    figure = Image.new("RGB", (pad + count * (CELL + pad), pad + len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(figure)
+    for r, (title, colour, cases) in enumerate(rows):
+        top = pad + r * row_height
+        draw.text((pad, top), title, fill=GREY, font=font)
+        for i, (image, truth, prediction, confidence) in enumerate(cases):
+            left = pad + i * (CELL + pad)
+            figure.paste(image.resize((CELL, CELL), Image.BICUBIC), (left, top + line))
+            captions = [(f"truth: {truth}", GREY), (f"pred: {prediction}", colour),
+                        (f"confidence: {100 * confidence:.1f}%", GREY)]
+            for j, (text, fill) in enumerate(captions):
+                draw.text((left, top + line + CELL + 2 + j * line), fit_text(draw, text, font, CELL),
+                          fill=fill, font=font)
+    return figure
+
+
+def save_figure(figure, path):
+    with atomic_path(path) as tmp:
+        figure.save(tmp, format="PNG")
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for flag, value, minimum in [("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                                 ("--cases", args.cases, 1)]:
+        if value < minimum:
+            raise Hw2Error(f"{flag} must be at least {minimum}, got {value}")
+    seed_everything(args.seed)
+    device = get_device(args.device)
+    toy = announce_toy_world(args.data)
+
+    id2label = read_id2label(args.data)
+    paths, class_ids = list_images(args.data, id2label)
+    column = {class_id: c for c, class_id in enumerate(id2label)}  # class id -> classifier column
+    labels = torch.tensor([column[class_id] for class_id in class_ids])
+    names = list(id2label.values())
+    templates = load_templates(args.prompts)
+    name, pretrained = resolve_model(args.model, args.pretrained, args.data)
+
+    model, preprocess, tokenizer = load_clip(name, pretrained, device)
+    print(f"Model {name} ({pretrained}) on {device}; {len(names)} classes x {len(templates)} template(s); "
+          f"{len(paths)} images.")
+    if toy:
+        print(f"The toy CLIP has random weights, so its accuracy is chance level (1/{len(names)} = "
+              f"{100 / len(names):.1f}% on average; a random model often predicts one or two classes for everything).")
+    classifier = build_classifier(model, tokenizer, [clean_class_name(n) for n in names], templates, device,
+                                  args.batch_size)
+    loader = make_loader(paths, preprocess, args.batch_size, args.workers, device)
+    top_probs, top_classes = classify(model, loader, classifier, device, min(TOP_K, len(names)))
+
+    predictions = top_classes[:, 0]
+    correct = predictions == labels
+    top5_correct = (top_classes == labels[:, None]).any(dim=1)
+    total = len(labels)
+    accuracy = int(correct.sum()) / total
+    print(f"Zero-shot accuracy: {100 * accuracy:.2f}% ({int(correct.sum())}/{total})")
+    print(f"Top-{top_classes.shape[1]} accuracy: {100 * int(top5_correct.sum()) / total:.2f}% "
+          f"({int(top5_correct.sum())}/{total})")
+    rows = per_class_rows(predictions, labels, names)
+    width = max(len("class"), *(len(row[0]) for row in rows))
+    print("Per-class accuracy, worst first:")
+    print(f"  {'class':<{width}}  accuracy  correct/total  most often mistaken for")
+    for class_name, right, count, confusion in rows:
+        mistaken = f"{confusion[0]} ({confusion[1]})" if confusion else "-"
+        print(f"  {class_name:<{width}}  {100 * right / count:7.1f}%  {f'{right}/{count}':>13}  {mistaken}")
+
+    out = Path(args.out)
+    atomic_write_text(out / "predictions.csv", predictions_csv(paths, labels, top_probs, top_classes, names))
+    successes, failures = choose_cases(correct, args.cases, args.seed)
+    figure_rows = []
+    for title, colour, chosen, pool in [("Successes", GREEN, successes, int(correct.sum())),
+                                        ("Failures", RED, failures, int((~correct).sum()))]:
+        cases = [(load_rgb(paths[i]), names[labels[i]], names[predictions[i]], float(top_probs[i, 0]))
+                 for i in chosen]
+        figure_rows.append((f"{title}: {len(chosen)} shown of {pool}", colour, cases))
+    save_figure(draw_cases(figure_rows, args.cases), out / "cases.png")
+    metrics = {
+        "accuracy": accuracy, "correct": int(correct.sum()), "total": total,
+        "top5_accuracy": int(top5_correct.sum()) / total,
+        "model": name, "pretrained": pretrained, "prompts": args.prompts, "templates": templates,
+        "per_class_accuracy": {row[0]: row[1] / row[2] for row in rows},
+        "cases": {"successes": [paths[i].name for i in successes], "failures": [paths[i].name for i in failures]},
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    print(f"Wrote {out / 'predictions.csv'}, {out / 'cases.png'} and {out / 'metrics.json'}.")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=str, default="hw2_data/clip_zeroshot",
+                        help="Folder with id2label.json and val/{class_id}_{idx}.png "
+                             "(default: hw2_data/clip_zeroshot).")
+    parser.add_argument("--model", type=str, default=None,
+                        help=f"An open_clip model name (see open_clip.list_models()) or the path of an open_clip "
+                             f"config JSON (default: {DEFAULT_MODEL}, or the toy world's tiny CLIP on a toy world).")
+    parser.add_argument("--pretrained", type=str, default=None,
+                        help=f"An open_clip pretrained tag of --model (e.g. openai, laion2b_s34b_b79k; downloaded "
+                             f"once) or a local weights file (default: {DEFAULT_PRETRAINED}, or the .safetensors "
+                             f"file beside a config JSON).")
+    parser.add_argument("--prompts", type=str, default="single",
+                        help="'single' ('a photo of a {}.'), 'ensemble' (CLIP's 18 CIFAR-100 templates) or a text "
+                             "file with one template per line, each with {} for the class name (default: single).")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="Images (and prompts) per forward pass (default: 128).")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader worker processes that decode and preprocess images; 0 decodes in the "
+                             "main process (default: the number of CPU cores, at most 8).")
+    parser.add_argument("--device", type=str, default=None,
+                        help="Device to run on, e.g. cpu, cuda, cuda:1 or mps (default: the best available).")
+    parser.add_argument("--out", type=str, default="outputs/p3_clip_zeroshot",
+                        help="Folder for predictions.csv, cases.png and metrics.json "
+                             "(default: outputs/p3_clip_zeroshot).")
+    parser.add_argument("--cases", type=int, default=5,
+                        help="How many successes and how many failures cases.png shows (default: 5).")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed for the choice of the cases shown in cases.png (default: 0).")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,286 @@
+"""P1 diffusion math against diffusers' DDPMScheduler / DDIMScheduler (an independent implementation), and the U-Net."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+import p1_model as pm
+
+T = 1000
+SCHEDULES = ["linear", "cosine"]
+DIFFUSERS_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
+
+
+def our_betas(schedule):
+    return pm.make_betas(pm.P1Config(schedule=schedule))
+
+
+def scheduler(cls, schedule, prediction="eps", clip=True, float64=True, **kwargs):
+    """A diffusers scheduler built from its own beta schedule; with float64=True its alpha_bar is replaced by ours
+    (after checking they agree in float32) so that the step arithmetic can be compared at float64 precision."""
+    sched = cls(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule=DIFFUSERS_SCHEDULE[schedule],
+                prediction_type=DIFFUSERS_PREDICTION[prediction], clip_sample=clip, **kwargs)
+    if float64:
+        betas = our_betas(schedule)
+        sched.betas, sched.alphas = betas, 1 - betas
+        sched.alphas_cumprod = pm.alpha_bar_from_betas(betas)
+        sched.one = torch.tensor(1.0, dtype=torch.float64)
+        if hasattr(sched, "final_alpha_cumprod"):
+            sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    return sched
+
+
+def toy_denoiser(x, t):
+    """A fixed, nonlinear stand-in for the network (depends on x and t), bounded like a real eps/v output."""
+    t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1, 1)
+    return torch.tanh(1.3 * x + 0.2) * 0.8 + 0.1 * torch.cos(t / 97.0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_matches_diffusers(schedule):
+    sched = scheduler(DDPMScheduler, schedule, float64=False)
+    betas = our_betas(schedule)
+    assert betas.dtype == torch.float64 and betas.shape == (T,)
+    torch.testing.assert_close(betas.float(), sched.betas, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(pm.alpha_bar_from_betas(betas).float(), sched.alphas_cumprod, rtol=1e-5, atol=1e-7)
+
+
+def test_course_schedule_endpoints():
+    betas = pm.linear_beta_schedule(T)
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_q_sample_and_v_target_match_diffusers(schedule, prediction):
+    sched = scheduler(DDPMScheduler, schedule, prediction)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 5, 5, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 500, T - 1])
+    alpha_bar = pm.alpha_bar_from_betas(our_betas(schedule))
+    torch.testing.assert_close(pm.q_sample(x0, t, alpha_bar, noise), sched.add_noise(x0, noise, t))
+    a_t = alpha_bar[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(pm.v_target(x0, noise, a_t), sched.get_velocity(x0, noise, t))
+    # the network output converts back to the same (x0, eps) pair
+    x_t = pm.q_sample(x0, t, alpha_bar, noise)
+    target = noise if prediction == "eps" else pm.v_target(x0, noise, a_t)
+    x0_back, eps_back = pm.to_x0_eps(target, x_t, a_t, prediction)
+    torch.testing.assert_close(eps_back, noise)
+    torch.testing.assert_close(x0_back[1:], x0[1:], rtol=1e-6, atol=1e-6)  # t=0 divides by sqrt(alpha_bar) ~ 1
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddpm_step_and_posterior_match_diffusers(schedule, prediction, clip):
+    sched = scheduler(DDPMScheduler, schedule, prediction, clip)
+    betas = our_betas(schedule)
+    alpha_bar = pm.alpha_bar_from_betas(betas)
+    g = torch.Generator().manual_seed(1)
+    x_t = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    for t in [T - 1, 700, 10, 1, 0]:
+        output = toy_denoiser(x_t, t)
+        seed = 100 + t
+        theirs = sched.step(output, t, x_t, generator=torch.Generator().manual_seed(seed)).prev_sample
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(seed), dtype=x_t.dtype)
+        ours = pm.ddpm_step(output, x_t, t, betas, alpha_bar, noise, prediction, clip)
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+        # posterior variance and mean (the step without its noise term)
+        x0, _ = pm.to_x0_eps(output, x_t, alpha_bar[t], prediction)
+        x0 = x0.clamp(-1, 1) if clip else x0
+        mean, variance = pm.q_posterior(x0, x_t, t, betas, alpha_bar)
+        their_variance = sched._get_variance(t) if t > 0 else torch.zeros((), dtype=torch.float64)
+        torch.testing.assert_close(variance.reshape(-1)[0], their_variance.reshape(()).double(), rtol=1e-10, atol=1e-20)
+        their_mean = theirs - (their_variance.sqrt() * noise if t > 0 else 0)
+        torch.testing.assert_close(mean, their_mean, rtol=1e-10, atol=1e-10)
+
+
+def test_posterior_closed_form():
+    """Independent check of DDPM eq. 7 in its other form: mean = (x_t - beta_t / sqrt(1 - a_t) eps) / sqrt(alpha_t)
+    when x0 is the exact x0 implied by eps."""
+    betas = pm.linear_beta_schedule(T)
+    alpha_bar = pm.alpha_bar_from_betas(betas)
+    g = torch.Generator().manual_seed(2)
+    x_t = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = 321
+    x0, _ = pm.to_x0_eps(eps, x_t, alpha_bar[t], "eps")
+    mean, _ = pm.q_posterior(x0, x_t, t, betas, alpha_bar)
+    expected = (x_t - betas[t] / (1 - alpha_bar[t]).sqrt() * eps) / (1 - betas[t]).sqrt()
+    torch.testing.assert_close(mean, expected)
+
+
+@pytest.mark.parametrize("spacing,steps", [("leading", 50), ("trailing", 50), ("trailing", 25)])
+def test_ddim_timesteps_match_diffusers(spacing, steps):
+    sched = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    assert pm.ddim_timesteps(T, steps, spacing) == sched.timesteps.tolist()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ddim_eta0_trajectory_matches_diffusers(schedule, prediction, spacing, dtype):
+    float64 = dtype == torch.float64
+    sched = scheduler(DDIMScheduler, schedule, prediction, clip=True, float64=float64, set_alpha_to_one=True,
+                      timestep_spacing=spacing)
+    steps = 50
+    sched.set_timesteps(steps)
+    alpha_bar = pm.alpha_bar_from_betas(our_betas(schedule))
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    theirs, x = [x_T], x_T
+    for t in sched.timesteps:
+        x = sched.step(toy_denoiser(x, int(t)), t, x, eta=0.0).prev_sample
+        theirs.append(x)
+    ours = list(pm.ddim_sample(lambda x_t, t: toy_denoiser(x_t, t), x_T, alpha_bar, prediction, steps, eta=0.0,
+                               spacing=spacing))
+    assert len(ours) == steps + 1
+    assert [t for t, _ in ours] == [int(t) + 1 for t in sched.timesteps] + [0]
+    tol = 1e-5 if float64 else 1e-4
+    for (_, a), b in zip(ours, theirs):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b.to(dtype), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_step_with_eta_and_injected_noise_matches_diffusers(prediction):
+    sched = scheduler(DDIMScheduler, "cosine", prediction, clip=False, set_alpha_to_one=True)
+    sched.set_timesteps(20)
+    alpha_bar = pm.alpha_bar_from_betas(our_betas("cosine"))
+    g = torch.Generator().manual_seed(4)
+    x_t = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    for t in [int(sched.timesteps[0]), int(sched.timesteps[-1])]:  # the first and the last step (t_prev = -1)
+        output = toy_denoiser(x_t, t)
+        theirs = sched.step(output, t, x_t, eta=0.7, variance_noise=noise).prev_sample
+        ours = pm.ddim_step(output, x_t, t, t - T // 20, alpha_bar, 0.7, noise, prediction, clip=False)
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_ddpm_sampler_yields_every_step_and_is_seeded():
+    betas = pm.cosine_beta_schedule(T)
+    alpha_bar = pm.alpha_bar_from_betas(betas)
+    x_T = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+
+    def run(seed):
+        return list(pm.ddpm_sample(toy_denoiser, x_T, betas, alpha_bar, "v", torch.Generator().manual_seed(seed)))
+
+    first, again, other = run(0), run(0), run(1)
+    assert [t for t, _ in first] == list(range(T, -1, -1))
+    assert first[0][1] is x_T
+    torch.testing.assert_close(first[-1][1], again[-1][1], rtol=0, atol=0)
+    assert not torch.equal(first[-1][1], other[-1][1])
+    assert first[-1][1].abs().max() <= 1 + 1e-6  # the last step returns the clipped x0 prediction
+
+
+class RecordingModel(torch.nn.Module):
+    """Returns a label-dependent output and records every call's batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, digit, dataset):
+        self.calls.append(x.shape[0])
+        return x * 0 + (digit * 10 + dataset).to(x.dtype).reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.5])
+def test_guidance_is_one_batched_forward(w):
+    model = RecordingModel()
+    x = torch.zeros(3, 3, 2, 2)
+    digit, dataset = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 0])
+    out = pm.guided_output(model, x, torch.tensor([5, 5, 5]), digit, dataset, w)
+    cond = (digit * 10 + dataset).float().reshape(-1, 1, 1, 1)
+    uncond = float(pm.NULL_DIGIT * 10 + pm.NULL_DATASET)
+    torch.testing.assert_close(out, ((1 + w) * cond - w * uncond).expand_as(x))
+    assert model.calls == ([3] if w == 0 else [6])
+
+
+def test_drop_labels_each_label_independently():
+    n = 20000
+    digit, dataset = torch.randint(0, 10, (n,)), torch.randint(0, 2, (n,))
+    kept = pm.drop_labels(digit, dataset, 0.0)
+    assert torch.equal(kept[0], digit) and torch.equal(kept[1], dataset)
+    dropped = pm.drop_labels(digit, dataset, 1.0)
+    assert (dropped[0] == pm.NULL_DIGIT).all() and (dropped[1] == pm.NULL_DATASET).all()
+    d, s = pm.drop_labels(digit, dataset, 0.1, torch.Generator().manual_seed(0))
+    both = ((d == pm.NULL_DIGIT) & (s == pm.NULL_DATASET)).float().mean().item()
+    assert abs((d == pm.NULL_DIGIT).float().mean().item() - 0.1) < 0.01
+    assert abs((s == pm.NULL_DATASET).float().mean().item() - 0.1) < 0.01
+    assert abs(both - 0.01) < 0.004  # independent: 0.1 * 0.1
+    untouched = d != pm.NULL_DIGIT
+    assert torch.equal(d[untouched], digit[untouched])
+
+
+def test_min_snr_weights():
+    alpha_bar = torch.tensor([0.5, 0.9, 1 / 11])  # SNR 1, 9, 0.1
+    torch.testing.assert_close(pm.loss_weight(alpha_bar, "eps", 5.0), torch.tensor([1.0, 5 / 9, 1.0]))
+    torch.testing.assert_close(pm.loss_weight(alpha_bar, "v", 5.0), torch.tensor([0.5, 0.5, 0.1 / 1.1]))
+    torch.testing.assert_close(pm.loss_weight(alpha_bar, "v", 0.0), torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ["toy", "full"])
+def test_unet_shapes_and_conditioning(name):
+    torch.manual_seed(0)
+    config = pm.preset(name)
+    model = pm.Diffusion(config).eval()  # eval: the full preset has dropout
+    for p in model.net.parameters():  # the zero-initialised output would hide a missing conditioning path
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 3, 28, 28)
+    t = torch.tensor([0, 500, T - 1])
+    out = model.net(x, t, torch.tensor([0, 5, pm.NULL_DIGIT]), torch.tensor([0, 1, pm.NULL_DATASET]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    one = model.net(x[:1], t[:1], torch.tensor([0]), torch.tensor([0]))
+    torch.testing.assert_close(one, out[:1], rtol=1e-4, atol=1e-5)  # odd batch sizes, batch independence
+    other_digit = model.net(x[:1], t[:1], torch.tensor([7]), torch.tensor([0]))
+    other_set = model.net(x[:1], t[:1], torch.tensor([0]), torch.tensor([1]))
+    other_t = model.net(x[:1], t[:1] + 1, torch.tensor([0]), torch.tensor([0]))
+    for changed in (other_digit, other_set, other_t):
+        assert not torch.allclose(changed, one)
+
+
+def test_toy_preset_size():
+    params = sum(p.numel() for p in pm.Diffusion(pm.preset("toy")).parameters())
+    assert 0.3e6 < params < 1.0e6, f"toy preset has {params} parameters; the CPU budget is ~0.7 M"
+
+
+def test_config_round_trip_and_errors():
+    config = pm.preset("toy", schedule="linear", prediction="eps")
+    assert pm.P1Config.from_dict(config.to_dict()) == config
+    assert pm.P1Config.from_dict({**config.to_dict(), "widths": [32, 64]}) == config  # JSON gives lists
+    with pytest.raises(ValueError, match="unknown config fields"):
+        pm.P1Config.from_dict({**config.to_dict(), "depth": 3})
+    with pytest.raises(ValueError, match="schedule"):
+        pm.P1Config(schedule="quadratic")
+    with pytest.raises(ValueError, match="halved"):
+        pm.P1Config(unshuffle=2, widths=(8, 16, 32, 64))
+
+
+@pytest.mark.parametrize("schedule,prediction", [("linear", "eps"), ("cosine", "v")])
+def test_loss_is_finite_and_learns(schedule, prediction):
+    """A few AdamW steps on one fixed batch reduce the loss (course schedule and the toy preset's)."""
+    torch.manual_seed(0)
+    config = pm.P1Config(unshuffle=2, widths=(16, 32), blocks_per_level=1, embed_dim=32, schedule=schedule,
+                         prediction=prediction)
+    model = pm.Diffusion(config)
+    x0 = torch.rand(8, 3, 28, 28) * 2 - 1
+    digit, dataset = torch.arange(8) % 10, torch.arange(8) % 2
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def fixed_loss():
+        return model.loss(x0, digit, dataset, torch.Generator().manual_seed(0))
+
+    before = fixed_loss().item()
+    for _ in range(15):
+        loss = model.loss(x0, digit, dataset)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = fixed_loss().item()
+    assert math.isfinite(before) and after < before, f"loss {before:.4f} -> {after:.4f}"

@@ -104,13 +104,20 @@ parent="$(dirname "$out")"
 mkdir -p "$parent"
 # beside the target, so that the final move is a rename on the same file system
 work="$(mktemp -d "$parent/.hw2_download.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+# On any exit: put the previous data back if the swap below was cut short, then drop the temp folder.
+cleanup() {
+    if [[ -d "$work/previous" && ! -e "$out" ]]; then
+        mv "$work/previous" "$out"
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 gdown "$FILE_ID" -O "$work/hw2_data.zip" ||
     die "downloading the course archive failed (see gdown's message above); nothing was kept"
-"$PYTHON" -m zipfile -e "$work/hw2_data.zip" "$work/extract" ||
-    die "cannot extract the downloaded archive (corrupt download?); nothing was kept, try again"
+"$PYTHON" -m zipfile -e "$work/hw2_data.zip" "$work/extract" 2>"$work/extract.log" ||
+    die "cannot extract the downloaded archive ($(tail -n 1 "$work/extract.log")); nothing was kept, try again"
 rm -f "$work/hw2_data.zip"
 
 # the archive may hold the tree at its top level or inside a hw2_data/ folder
@@ -121,10 +128,7 @@ lacking="$(missing_parts "$root" | paste -sd ' ')"
 
 if [[ -e "$out" ]]; then
     mv "$out" "$work/previous"
-    mv "$root" "$out" || {
-        mv "$work/previous" "$out"
-        die "cannot move the new data to $out; the previous $out was kept"
-    }
+    mv "$root" "$out" || die "cannot move the new data to $out; the previous $out was kept"
 else
     mv "$root" "$out"
 fi

@@ -4,7 +4,9 @@
     python p1_eval.py score OUT_DIR                # OUT_DIR/mnistm, OUT_DIR/svhn from p1_inference.py
     python p1_eval.py score OUT_DIR --lenet Classifier.pth   # also the course's MNIST-M LeNet
 
-`train` fits one small CNN per dataset on train.csv and reports its accuracy on the held-out val.csv.
+`train` fits one small CNN on the train.csv images of both datasets and reports its accuracy on each dataset's
+held-out val.csv. One classifier for both sets because the digit shapes are shared: on the toy world it scored
+higher on each set's val images than a classifier per set (SVHN 0.988 vs 0.969, MNIST-M about the same).
 `score` reads every file of OUT_DIR/<dataset>/ as an image, takes the label from the file name's first
 character (as the grader does) and prints `MNIST-M acc = ...`, `SVHN acc = ...`, `acc = <mean>`.
 """
@@ -25,11 +27,12 @@ from utils import (Hw2Error, announce_toy_world, get_device, load_checkpoint, lo
 
 EVALUATOR_NAME = "evaluator.safetensors"
 DISPLAY = {"mnistm": "MNIST-M", "svhn": "SVHN"}
+TTA_SHIFTS = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    widths: tuple = (32, 64)
+    widths: tuple = (16, 32)
     hidden: int = 128
 
 
@@ -69,18 +72,30 @@ class LeNet(nn.Module):
         return self.fc3(F.relu(self.fc2(x)))
 
 
+def shift(x, dy, dx):
+    """Translate images [N, C, H, W] by (dy, dx) pixels, repeating the edge pixels into the gap."""
+    pad = max(abs(dy), abs(dx))
+    padded = F.pad(x, [pad] * 4, mode="replicate")
+    return padded[:, :, pad - dy:pad - dy + x.shape[2], pad - dx:pad - dx + x.shape[3]]
+
+
 def random_shift(x, generator, max_shift=2):
-    """Translate each image by up to `max_shift` pixels (edge padding): generated digits are not centred exactly."""
-    padded = F.pad(x, [max_shift] * 4, mode="replicate")
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
-    return padded[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
+    """One random translation of up to `max_shift` pixels per batch: generated digits are not centred exactly."""
+    dy, dx = (torch.randint(-max_shift, max_shift + 1, (2,), generator=generator)).tolist()
+    return shift(x, dy, dx)
 
 
 @torch.no_grad()
 def predict(model, images, batch_size=500):
-    """Argmax digits of float images [N, 3, 28, 28]."""
+    """Argmax digits of float images [N, 3, 28, 28], averaging the softmax over the image and its four
+    one-pixel shifts (test-time augmentation: +0.5 to 1 point on the toy val sets)."""
     model.eval()
-    return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    predictions = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        probs = sum(F.softmax(model(shift(x, dy, dx)), dim=1) for dy, dx in TTA_SHIFTS)
+        predictions.append(probs.argmax(1))
+    return torch.cat(predictions)
 
 
 def accuracy(predictions, labels):
@@ -112,16 +127,15 @@ def fit_classifier(images, labels, epochs, seed, device, desc):
 
 def train_command(args, device):
     announce_toy_world(args.data)
-    train_images, train_digits, train_sets = load_split(args.data, "train")
+    train_images, train_digits, _ = load_split(args.data, "train")
     val_images, val_digits, val_sets = load_split(args.data, "val")
-    state = {"config": asdict(ClassifierConfig()), "val_acc": {}}
+    model = fit_classifier(to_model_range(train_images), train_digits, args.epochs, args.seed, device,
+                           "training the digit classifier")
+    predictions = predict(model, to_model_range(val_images).to(device))
+    state = {"config": asdict(ClassifierConfig()), "model": model.state_dict(), "val_acc": {}}
     for d, name in enumerate(DATASETS):
-        model = fit_classifier(to_model_range(train_images[train_sets == d]), train_digits[train_sets == d],
-                               args.epochs, args.seed, device, f"training {name} classifier")
-        acc, correct, total = accuracy(predict(model, to_model_range(val_images[val_sets == d]).to(device)),
-                                       val_digits[val_sets == d])
-        print(f"{DISPLAY[name]} classifier: held-out val acc = {acc:.4f} (correct/total = {correct}/{total})")
-        state[name] = model.state_dict()
+        acc, correct, total = accuracy(predictions[val_sets == d], val_digits[val_sets == d])
+        print(f"{DISPLAY[name]}: held-out val acc = {acc:.4f} (correct/total = {correct}/{total})")
         state["val_acc"][name] = acc
     path = Path(args.out) / EVALUATOR_NAME
     save_checkpoint(path, state)
@@ -130,16 +144,13 @@ def train_command(args, device):
 
 def load_evaluator(path, device):
     state = load_checkpoint(path)
-    models = {}
     try:
-        config = ClassifierConfig(**{**state["config"], "widths": tuple(state["config"]["widths"])})
-        for name in DATASETS:
-            models[name] = DigitClassifier(config)
-            models[name].load_state_dict(state[name])
+        model = DigitClassifier(ClassifierConfig(**{**state["config"], "widths": tuple(state["config"]["widths"])}))
+        model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise Hw2Error(f"{path} is not a P1 evaluator checkpoint ({str(err).splitlines()[0]}): run "
                        f"`python p1_eval.py train`") from err
-    return {name: model.to(device).eval() for name, model in models.items()}
+    return model.to(device).eval()
 
 
 def load_lenet(path):
@@ -175,12 +186,12 @@ def read_generated(folder):
 
 def score_command(args, device):
     evaluator = Path(args.evaluator)
-    models = load_evaluator(evaluator, device)
+    model = load_evaluator(evaluator, device)
     lenet = load_lenet(args.lenet).to(device) if args.lenet else None
     accs = []
     for name in DATASETS:
         images, labels = read_generated(Path(args.out_dir) / name)
-        acc, correct, total = accuracy(predict(models[name], images.to(device)), labels)
+        acc, correct, total = accuracy(predict(model, images.to(device)), labels)
         accs.append(acc)
         print(f"{DISPLAY[name]} acc = {acc:.4f} (correct/total = {correct}/{total})")
         if name == "mnistm" and lenet is not None:
@@ -206,11 +217,11 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps; default: the best.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="Fit the per-dataset digit classifiers on the labelled images.")
+    train = commands.add_parser("train", help="Fit the digit classifier on the labelled images of both sets.")
     train.add_argument("--data", type=str, default=DEFAULT_DATA, help="Folder holding mnistm/ and svhn/.")
     train.add_argument("--out", type=str, default=DEFAULT_OUT,
                        help=f"Folder for {EVALUATOR_NAME} (beside the P1 diffusion checkpoints).")
-    train.add_argument("--epochs", type=int, default=8, help="Training epochs per classifier.")
+    train.add_argument("--epochs", type=int, default=15, help="Training epochs of the classifier.")
     train.add_argument("--seed", type=int, default=0, help="Seed for initialisation, data order and shifts.")
     score = commands.add_parser("score", help="Score a folder written by p1_inference.py.")
     score.add_argument("out_dir", type=str, help="Folder holding mnistm/ and svhn/ of generated images.")

@@ -33,21 +33,28 @@ def lerp(x0, x1, alpha):
     return (1 - alpha) * x0 + alpha * x1
 
 
+def clamped_cosine(x0, x1):
+    """cos of the angle between two tensors taken as vectors, clamped to [-1, 1] (rounding can step outside,
+    where arccos is undefined); 1 when either is zero, so that case counts as parallel."""
+    v0, v1 = x0.double().flatten(), x1.double().flatten()
+    if v0.norm() == 0 or v1.norm() == 0:
+        return 1.0
+    return min(1.0, max(-1.0, float((v0 @ v1) / (v0.norm() * v1.norm()))))
+
+
 def slerp(x0, x1, alpha, dot_threshold=PARALLEL_DOT_THRESHOLD):
     """Spherical interpolation, each tensor taken as one vector (Shoemake, 1985):
 
         slerp = sin((1 - alpha) theta) / sin(theta) x0 + sin(alpha theta) / sin(theta) x1,
         theta = arccos(<x0, x1> / (|x0| |x1|))
 
-    The cosine is clamped to [-1, 1] (rounding can push it just outside, and arccos would return NaN). For
-    (near-)parallel or anti-parallel inputs, |cos theta| > dot_threshold, sin(theta) is ~0 and the formula
-    loses all precision: there it falls back to linear interpolation. alpha = 0 and 1 give x0 and x1 exactly,
-    since the weights are then exactly (1, 0) and (0, 1).
+    The cosine is clamped to [-1, 1] (see `clamped_cosine`). For (near-)parallel or anti-parallel inputs,
+    |cos theta| >= dot_threshold, sin(theta) is ~0 and the formula loses all precision: there it falls back
+    to linear interpolation. alpha = 0 and 1 give x0 and x1 exactly, since the weights are then exactly
+    (1, 0) and (0, 1).
     """
-    v0, v1 = x0.double().flatten(), x1.double().flatten()
-    cos_theta = float((v0 @ v1) / (v0.norm() * v1.norm())) if v0.norm() > 0 and v1.norm() > 0 else 1.0
-    cos_theta = min(1.0, max(-1.0, cos_theta))
-    if abs(cos_theta) > dot_threshold:
+    cos_theta = clamped_cosine(x0, x1)
+    if abs(cos_theta) >= dot_threshold:
         return lerp(x0, x1, alpha)
     theta = math.acos(cos_theta)
     w0 = math.sin((1 - alpha) * theta) / math.sin(theta)

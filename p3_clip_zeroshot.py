@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import string
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,16 +123,20 @@ def load_templates(spec):
     path = Path(spec)
     if not path.is_file():
         raise Hw2Error(f"--prompts {spec!r} is not 'single', 'ensemble' or an existing file of templates")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise Hw2Error(f"cannot read the --prompts file {path}: {err}") from err
     templates = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         template = line.strip()
         if not template:
             continue
         try:
-            ok = "{}" in template and template.format("x") is not None
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
+            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        except ValueError:  # an unmatched brace
+            fields = None
+        if fields != [""]:
             raise Hw2Error(f"{path} line {number} ({template!r}) must contain one {{}} for the class name "
                            f"and no other braces")
         templates.append(template)
@@ -352,9 +357,32 @@ def draw_cases(rows, count):
     return figure
 
 
+def cases_figure(paths, labels, predictions, confidences, names, successes, failures, count):
+    """cases.png: the chosen successes (top row, prediction in green) and failures (bottom row, in red)."""
+    rows = []
+    for title, colour, chosen, pool in [("Successes", GREEN, successes, int((predictions == labels).sum())),
+                                        ("Failures", RED, failures, int((predictions != labels).sum()))]:
+        cases = [(load_rgb(paths[i]), names[labels[i]], names[predictions[i]], float(confidences[i])) for i in chosen]
+        rows.append((f"{title}: {len(chosen)} shown of {pool}", colour, cases))
+    return draw_cases(rows, count)
+
+
 def save_figure(figure, path):
     with atomic_path(path) as tmp:
         figure.save(tmp, format="PNG")
+
+
+def print_results(correct, top5_correct, k, rows):
+    """The report's accuracy line, the top-k accuracy and the per-class table (rows from `per_class_rows`)."""
+    total = len(correct)
+    print(f"Zero-shot accuracy: {100 * int(correct.sum()) / total:.2f}% ({int(correct.sum())}/{total})")
+    print(f"Top-{k} accuracy: {100 * int(top5_correct.sum()) / total:.2f}% ({int(top5_correct.sum())}/{total})")
+    width = max(len("class"), *(len(row[0]) for row in rows))
+    print("Per-class accuracy, worst first:")
+    print(f"  {'class':<{width}}  accuracy  correct/total  most often mistaken for")
+    for class_name, right, count, confusion in rows:
+        mistaken = f"{confusion[0]} ({confusion[1]})" if confusion else "-"
+        print(f"  {class_name:<{width}}  {100 * right / count:7.1f}%  {f'{right}/{count}':>13}  {mistaken}")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -383,41 +411,27 @@ def main(argv=None):
           f"{len(paths)} images.")
     if toy:
         print(f"The toy CLIP has random weights, so its accuracy is chance level (1/{len(names)} = "
-              f"{100 / len(names):.1f}% on average; a random model often predicts one or two classes for everything).")
+              f"{100 / len(names):.1f}% on average; a random model often predicts one or two classes for "
+              f"everything).")
     classifier = build_classifier(model, tokenizer, [clean_class_name(n) for n in names], templates, device,
                                   args.batch_size)
     loader = make_loader(paths, preprocess, args.batch_size, args.workers, device)
     top_probs, top_classes = classify(model, loader, classifier, device, min(TOP_K, len(names)))
 
-    predictions = top_classes[:, 0]
+    predictions, confidences = top_classes[:, 0], top_probs[:, 0]
     correct = predictions == labels
     top5_correct = (top_classes == labels[:, None]).any(dim=1)
-    total = len(labels)
-    accuracy = int(correct.sum()) / total
-    print(f"Zero-shot accuracy: {100 * accuracy:.2f}% ({int(correct.sum())}/{total})")
-    print(f"Top-{top_classes.shape[1]} accuracy: {100 * int(top5_correct.sum()) / total:.2f}% "
-          f"({int(top5_correct.sum())}/{total})")
     rows = per_class_rows(predictions, labels, names)
-    width = max(len("class"), *(len(row[0]) for row in rows))
-    print("Per-class accuracy, worst first:")
-    print(f"  {'class':<{width}}  accuracy  correct/total  most often mistaken for")
-    for class_name, right, count, confusion in rows:
-        mistaken = f"{confusion[0]} ({confusion[1]})" if confusion else "-"
-        print(f"  {class_name:<{width}}  {100 * right / count:7.1f}%  {f'{right}/{count}':>13}  {mistaken}")
+    print_results(correct, top5_correct, top_classes.shape[1], rows)
 
     out = Path(args.out)
     atomic_write_text(out / "predictions.csv", predictions_csv(paths, labels, top_probs, top_classes, names))
     successes, failures = choose_cases(correct, args.cases, args.seed)
-    figure_rows = []
-    for title, colour, chosen, pool in [("Successes", GREEN, successes, int(correct.sum())),
-                                        ("Failures", RED, failures, int((~correct).sum()))]:
-        cases = [(load_rgb(paths[i]), names[labels[i]], names[predictions[i]], float(top_probs[i, 0]))
-                 for i in chosen]
-        figure_rows.append((f"{title}: {len(chosen)} shown of {pool}", colour, cases))
-    save_figure(draw_cases(figure_rows, args.cases), out / "cases.png")
+    figure = cases_figure(paths, labels, predictions, confidences, names, successes, failures, args.cases)
+    save_figure(figure, out / "cases.png")
     metrics = {
-        "accuracy": accuracy, "correct": int(correct.sum()), "total": total,
-        "top5_accuracy": int(top5_correct.sum()) / total,
+        "accuracy": int(correct.sum()) / len(correct), "correct": int(correct.sum()), "total": len(correct),
+        "top5_accuracy": int(top5_correct.sum()) / len(correct),
         "model": name, "pretrained": pretrained, "prompts": args.prompts, "templates": templates,
         "per_class_accuracy": {row[0]: row[1] / row[2] for row in rows},
         "cases": {"successes": [paths[i].name for i in successes], "failures": [paths[i].name for i in failures]},

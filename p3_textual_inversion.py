@@ -46,7 +46,7 @@ from utils import (Hw2Error, announce_toy_world, atomic_write_bytes, atomic_writ
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the grader's CLIP
-DEFAULT_EMBEDS_DIR = Path("checkpoints") / "p3_ti"  # train's --out and generate's --embeds, relative to this repo
+DEFAULT_EMBEDS_DIR = Path(__file__).resolve().parent / "checkpoints" / "p3_ti"  # train --out, generate --embeds
 TOY_SD = Path("toy_models") / "tiny-sd"  # inside a toy hw2_data (see toy_data.build_tiny_sd)
 TOY_CLIP = Path("toy_models") / "tiny-clip-scorer"
 EMBEDS_FILE = "learned_embeds.safetensors"  # diffusers' name and format: {token: [num_vectors, D] tensor}
@@ -159,8 +159,9 @@ def load_pipeline(model, dtype=torch.float32):
             pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise Hw2Error(f"cannot load Stable Diffusion from {model} ({reason}); offline, pass a local diffusers "
-                       f"folder or the .ckpt file") from err
+        hint = ("a single checkpoint file also needs SD v1's small config files from the hub once (run online once)"
+                if path.is_file() else "offline, pass a local diffusers folder or the .ckpt file")
+        raise Hw2Error(f"cannot load Stable Diffusion from {model} ({reason}); {hint}") from err
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -367,7 +368,7 @@ def prepare_for_training(pipe, device, mixed_precision, gradient_checkpointing):
     embedding.weight.requires_grad_(True)
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        pipe.text_encoder.gradient_checkpointing_enable()
+        pipe.text_encoder.activation_checkpointing_enable()
     autocast = torch.autocast(torch.device(device).type, dtype=weight_dtype, enabled=mixed_precision != "no")
     # loss scaling only for fp16 (bf16 has fp32's range); utils.make_grad_scaler picks its own dtype, so not used
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=mixed_precision == "fp16")
@@ -572,7 +573,7 @@ def run_generate(args):
     jobs = output_jobs(data, out_dir, args.prompt)
     for folder, stem, _, _ in jobs:
         check_destination(folder, stem)
-    files = find_embeds(args.embeds or [Path(__file__).resolve().parent / DEFAULT_EMBEDS_DIR])
+    files = find_embeds(args.embeds or [DEFAULT_EMBEDS_DIR])
     device = get_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # fp16 halves SD's time and memory on a GPU
     model = args.model or default_model(args.input_json)
@@ -735,8 +736,8 @@ def build_parser():
     train.add_argument("--seed", type=int, default=0, help="Seed for crops, templates, noise and timesteps.")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available).")
     train.add_argument("--out", default=str(DEFAULT_EMBEDS_DIR),
-                       help="Output folder (learned_embeds.safetensors, train_state.safetensors); a run there "
-                            "is resumed from its last save.")
+                       help="Output folder (learned_embeds.safetensors, train_state.safetensors; default: "
+                            "checkpoints/p3_ti in this repository); a run there is resumed from its last save.")
 
     generate = commands.add_parser("generate", help="Generate the grader's image folders (or free prompts).")
     generate.add_argument("input_json", help="The course's input.json (concepts, tokens, prompts).")
@@ -745,8 +746,8 @@ def build_parser():
                           help="SD v1.4 .ckpt/.safetensors file, diffusers folder or hub id (default: the toy model "
                                f"on a toy world, else {DEFAULT_MODEL}).")
     generate.add_argument("--embeds", nargs="+", default=None,
-                          help=f"learned_embeds files or folders searched for them (default: {DEFAULT_EMBEDS_DIR} "
-                               f"in this repo).")
+                          help="learned_embeds files or folders searched for them (default: checkpoints/p3_ti "
+                               "in this repository).")
     generate.add_argument("--prompt", action="append", default=None,
                           help="A free prompt instead of input.json's (repeatable), e.g. \"A <new1> next to a cat "
                                "in the style of <new2>\"; images go to OUT_DIR/free/{k}/.")

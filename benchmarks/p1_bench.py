@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p1_eval import DISPLAY, EVALUATOR_NAME, accuracy, load_evaluator, predict  # noqa: E402
+from p1_eval import EVALUATOR_NAME, accuracy, load_evaluator, predict  # noqa: E402
 from p1_inference import find_latest_checkpoint, generate, sample_plan  # noqa: E402
 from p1_model import DATASETS, Diffusion, diffusion_loss, final  # noqa: E402
 from p1_train import DEFAULT_DATA, DEFAULT_OUT, load_model_checkpoint, load_split, to_model_range  # noqa: E402
@@ -64,22 +64,22 @@ def sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit, 
     plan = sample_plan(per_digit)
     dataset = torch.tensor([p[0] for p in plan])
     digit = torch.tensor([p[1] for p in plan])
-    accs = [accuracy(predict(evaluator[name], images[dataset == d].to(device)), digit[dataset == d])[0]
-            for d, name in enumerate(DATASETS)]
+    accs = [accuracy(predict(evaluator, images[dataset == d].to(device)), digit[dataset == d])[0]
+            for d in range(len(DATASETS))]
     return accs, seconds
 
 
-def parse_runs(text):
-    """"ddim:25:0,ddpm:1000:4" -> [("ddim", 25, 0.0), ("ddpm", 1000, 4.0)]."""
+def parse_runs(text, per_digit):
+    """"ddim:25:0,ddpm:1000:4:2" -> [("ddim", 25, 0.0, per_digit), ("ddpm", 1000, 4.0, 2)]."""
     runs = []
     for item in text.split(","):
         try:
-            sampler, steps, guidance = item.split(":")
-            runs.append((sampler, int(steps), float(guidance)))
-        except ValueError as err:
-            raise Hw2Error(f"--runs item {item!r} is not sampler:steps:guidance (e.g. ddim:50:4)") from err
-        if sampler not in ("ddim", "ddpm"):
-            raise Hw2Error(f"--runs item {item!r}: the sampler must be ddim or ddpm")
+            sampler, steps, guidance, *count = item.split(":")
+            runs.append((sampler, int(steps), float(guidance), int(count[0]) if count else per_digit))
+        except (ValueError, IndexError) as err:
+            raise Hw2Error(f"--runs item {item!r} is not sampler:steps:guidance[:per_digit] (e.g. ddim:50:4)") from err
+        if sampler not in ("ddim", "ddpm") or len(count) > 1:
+            raise Hw2Error(f"--runs item {item!r}: the sampler must be ddim or ddpm, then steps:guidance[:per_digit]")
     return runs
 
 
@@ -112,13 +112,14 @@ def main(argv=None):
 
     if args.runs:
         evaluator = load_evaluator(args.evaluator, device)
-        lines += ["", f"Evaluator accuracy, {args.per_digit} images per digit and dataset (seed 0):", "",
-                  "| sampler | guidance w | MNIST-M | SVHN | mean | sampling s |", "|---|---|---|---|---|---|"]
-        for sampler, steps, guidance in parse_runs(args.runs):
-            accs, seconds = sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, args.per_digit,
+        lines += ["", "Evaluator accuracy (seed 0; images = per dataset):", "",
+                  "| sampler | guidance w | images | MNIST-M | SVHN | mean | sampling s |",
+                  "|---|---|---|---|---|---|---|"]
+        for sampler, steps, guidance, per_digit in parse_runs(args.runs, args.per_digit):
+            accs, seconds = sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit,
                                              args.sample_batch, device)
-            lines.append(f"| {sampler.upper()}-{steps} | {guidance:g} | {accs[0]:.3f} | {accs[1]:.3f} | "
-                         f"{sum(accs) / 2:.3f} | {seconds:.0f} |")
+            lines.append(f"| {sampler.upper()}-{steps} | {guidance:g} | {10 * per_digit} | {accs[0]:.3f} | "
+                         f"{accs[1]:.3f} | {sum(accs) / 2:.3f} | {seconds:.0f} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.report:
@@ -140,7 +141,7 @@ def build_parser():
     parser.add_argument("--speed-images", type=int, default=8, help="Images per sampling-speed measurement.")
     parser.add_argument("--guidance", type=float, default=4.0, help="Guidance weight of the speed measurements.")
     parser.add_argument("--runs", type=str, default="ddim:25:0,ddim:25:1,ddim:25:2,ddim:25:4,ddim:50:4,ddpm:1000:4",
-                        help="Accuracy runs as sampler:steps:guidance, comma-separated; empty to skip.")
+                        help="Accuracy runs as sampler:steps:guidance[:per_digit], comma-separated; empty to skip.")
     parser.add_argument("--per-digit", type=int, default=10, help="Images per digit and dataset per accuracy run.")
     parser.add_argument("--sample-batch", type=int, default=250, help="Batch size of the accuracy runs.")
     parser.add_argument("--machine", type=str, default="2-core CPU, no GPU",

@@ -6,20 +6,24 @@ checkpointing, and generation images/s.
 
 Each training configuration runs `p3_textual_inversion.train_step` (VAE encode, text encoder, UNet forward and
 backward, AdamW, row restore) in a fresh process, so each peak memory is its own: on CUDA
-`torch.cuda.max_memory_allocated` over the timed steps; on CPU the process's peak resident set
-(`resource.getrusage(...).ru_maxrss`, the whole process: Python, torch, the model, the steps), printed next to
-the resident set just before the first step. Speed and memory do not depend on the weights, so SD v1.4's
+`torch.cuda.max_memory_allocated` over the steps; on CPU the resident set (/proc/self/statm) sampled every 2 ms
+during the steps -- its peak, and that peak minus the resident set just before the first step (what the steps
+add to the loaded model) -- next to the process's `ru_maxrss` (the whole run, model loading included). Neither
+tracemalloc (blind to torch's C++ allocations) nor ru_maxrss alone (dominated by loading) shows a step's peak.
+Speed and memory do not depend on the weights, so SD v1.4's
 architecture with random weights stands in for the real checkpoint. The tiny toy model (32 px) checks the code
 path only: its ratios say little about SD.
 """
 
 import argparse
+import ctypes
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +74,32 @@ def resident_mb():
     return pages * resource.getpagesize() / 2**20
 
 
+class PeakRss:
+    """Sample this process's resident set every `interval` seconds in a thread; `peak_mb` is the highest seen.
+
+    On CPU torch frees activations straight back to the allocator, so the peak of a training step shows only
+    while it runs: sampling catches it, where ru_maxrss would still hold the (larger) model-loading peak.
+    """
+
+    def __init__(self, interval=0.002):
+        self.interval, self.peak_mb = interval, resident_mb()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._done.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, resident_mb())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, resident_mb())
+
+
 def train_worker(job):
     """Time `steps` training steps of one configuration; return the median step time and peak memory."""
     device = torch.device(job["device"])
@@ -90,21 +120,22 @@ def train_worker(job):
                       new_ids)
         synchronize(device)
 
-    step()  # warm-up: allocator, kernels
-    rss_before = resident_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    ctypes.CDLL(None).malloc_trim(0)  # glibc: hand freed model-loading memory back, so RSS starts from the model
+    rss_before = resident_mb()
     times = []
-    for _ in range(job["steps"]):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    with PeakRss() as rss:
+        for _ in range(job["steps"] + 1):  # the first step warms up kernels and the allocator and is not timed
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
     if device.type == "cuda":
-        memory = {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "memory_kind": "cuda max allocated"}
+        memory = {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
     else:
-        memory = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss_before,
-                  "memory_kind": "process ru_maxrss"}
-    return {"step_s": statistics.median(times), "resolution": resolution, **memory}
+        memory = {"peak_mb": rss.peak_mb, "step_mb": rss.peak_mb - rss_before,
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"step_s": statistics.median(times[1:]), "resolution": resolution, **memory}
 
 
 def generate_worker(job):
@@ -165,13 +196,19 @@ def main(argv=None):
     label = "tiny toy SD" if args.model == "tiny" else args.model
     print(f"### Textual inversion, {label} ({rows[0][1]['resolution']} px), {device}, batch {args.batch_size}, "
           f"{args.threads or torch.get_num_threads()} torch thread(s)\n")
-    print(f"| configuration | step time (s) | x fp32 | peak memory (MB, {fp32['memory_kind']}) |")
-    print("|---|---|---|---|")
-    for name, result in rows:
-        memory = f"{result['peak_mb']:.0f}"
-        if "rss_before_mb" in result:
-            memory += f" (RSS before steps {result['rss_before_mb']:.0f})"
-        print(f"| {name} | {result['step_s']:.3f} | {result['step_s'] / fp32['step_s']:.2f} | {memory} |")
+    if device.type == "cuda":
+        print("| configuration | step time (s) | x fp32 | peak memory (MB, torch.cuda.max_memory_allocated) |")
+        print("|---|---|---|---|")
+        for name, result in rows:
+            print(f"| {name} | {result['step_s']:.3f} | {result['step_s'] / fp32['step_s']:.2f} | "
+                  f"{result['peak_mb']:.0f} |")
+    else:
+        print("| configuration | step time (s) | x fp32 | peak RSS in steps (MB) | of which the steps (MB) | "
+              "process ru_maxrss (MB) |")
+        print("|---|---|---|---|---|---|")
+        for name, result in rows:
+            print(f"| {name} | {result['step_s']:.3f} | {result['step_s'] / fp32['step_s']:.2f} | "
+                  f"{result['peak_mb']:.0f} | {result['step_mb']:.0f} | {result['maxrss_mb']:.0f} |")
     print(f"\nGeneration (DPM-Solver++, 25 steps, guidance 7.5, batch {args.gen_batch_size}, same size): "
           f"{generation['images_per_s']:.2f} images/s")
 

@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from utils import TOY_MARKER
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "hw2_download.sh"
 PARTS = ["digits/mnistm", "digits/svhn", "face", "textual_inversion", "clip_zeroshot"]
 CLOSED_PORT_URL = "http://127.0.0.1:9/"  # the discard port: refused at once, like a machine without network

@@ -134,7 +134,7 @@ def test_eval_train_and_score_smoke(toy_world, tmp_path):
     result = run("p1_eval.py", "--device", "cpu", "train", "--data", str(data), "--out", str(tmp_path), "--epochs",
                  "1")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "MNIST-M classifier: held-out val acc = " in result.stdout
+    assert "MNIST-M: held-out val acc = " in result.stdout and "SVHN: held-out val acc = " in result.stdout
     out = tmp_path / "generated"
     write_fake_outputs(toy_world, out)
     result = run("p1_eval.py", "--device", "cpu", "score", str(out), "--evaluator",

@@ -152,9 +152,10 @@ def test_class_names_and_templates(tmp_path):
     good.write_text("a photo of a {}.\n\n  a drawing of a {}.  \n")
     assert p3.load_templates(str(good)) == ["a photo of a {}.", "a drawing of a {}."]
     bad = tmp_path / "bad.txt"
-    bad.write_text("a photo of a {}.\na photo of {name}.\n")
-    with pytest.raises(Hw2Error, match="line 2"):
-        p3.load_templates(str(bad))
+    for line in ["a photo of {name}.", "a {} and a {}.", "a photo.", "a {} of {"]:
+        bad.write_text(f"a photo of a {{}}.\n{line}\n")
+        with pytest.raises(Hw2Error, match="line 2 .*must contain one"):
+            p3.load_templates(str(bad))
     with pytest.raises(Hw2Error, match="not 'single', 'ensemble'"):
         p3.load_templates(str(tmp_path / "missing.txt"))
 

@@ -1,0 +1,616 @@
+"""Regenerate the whole hw2 report, every figure and number, from the data and checkpoints at hand.
+
+    python make_report.py --data hw2_data --out report
+    python make_report.py --data hw2_data --out report --quick      # toy world: tiny settings, seconds per part
+
+Writes `OUT/report.md` with its figures beside it (OUT/p1, OUT/p2, OUT/p3_zeroshot, OUT/p3_ti) and the output of
+each part's scripts in OUT/logs/<part>.log. Every number and image comes from the problem scripts' own functions
+(p1_inference, p1_eval, p2_ddim, p2_interpolate, p3_clip_zeroshot, p3_textual_inversion), run in this process.
+
+A part whose prerequisite is missing (no checkpoint, no SD weights, no data) is skipped with one line, and the
+report says what was skipped and why. A part that fails unexpectedly is recorded too, with its traceback in its
+log; the other parts still run, and the exit status is then 1.
+
+`--quick` samples with very few steps (a preview, not the report's numbers). On a toy world (`toy_data.py`) it
+also trains, inside OUT, the short P1 model, P1 evaluator and textual-inversion embeddings it needs, so the
+report never depends on what lies in checkpoints/. Same inputs and seeds on the same device give the same
+figures, byte for byte.
+"""
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import p1_eval
+import p1_inference
+import p1_train
+import p2_ddim
+import p2_interpolate
+import p3_clip_zeroshot
+import p3_textual_inversion
+from p1_model import DATASETS, NUM_DIGITS
+from utils import (TOY_MARKER, Hw2Error, announce_toy_world, atomic_write_text, find_toy_root, get_device, load_rgb,
+                   run_cli, save_grid)
+
+PART_NAMES = ("p1", "p2", "p3_zeroshot", "p3_ti")
+HASH_LENGTH = 12  # hex digits of sha256 shown in the header
+HASH_CHUNK = 1 << 20
+P1_DEFAULT_BENCH = "BENCH_p1.md"  # where p1_bench.py's README example writes its --report
+WORST_CLASSES = 10
+TI_GRID_IMAGES = 4  # images per prompt in the textual-inversion grids
+MULTI_PROMPTS = ("A {0} next to a {1}.", "A {0} in the style of {1}.")  # {0}, {1}: input.json's first two tokens
+SCORE_ROW = re.compile(r"^\s*(\S+)\s+(\d+)\s+(-?[\d.]+)\s+(\S+)\s+(-?[\d.]+)\s+(\S+)\s+(PASS|FAIL)\s*$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sampler steps per part (None: the script's own default) and the tiny training runs of --quick."""
+
+    p1_steps: int = None
+    p2_steps: int = None
+    ti_steps: int = None
+    p1_train: tuple = ()
+    p1_evaluator_epochs: int = 0
+    ti_train: tuple = ()
+    zeroshot_workers: int = None
+
+
+FULL = Settings()
+QUICK = Settings(p1_steps=2, p2_steps=5, ti_steps=2, zeroshot_workers=0,
+                 # seconds on 2 cores: one epoch over 64 images per dataset, no sample grid
+                 p1_train=("--epochs", "1", "--limit", "64", "--batch-size", "32", "--grid-every", "0"),
+                 p1_evaluator_epochs=1, ti_train=("--steps", "2", "--batch-size", "1"))
+
+
+@dataclass
+class Context:
+    """What every part needs: the flags, the settings, where to write, and the header's list of models."""
+
+    args: argparse.Namespace
+    settings: Settings
+    data: Path
+    out: Path
+    toy: bool
+    console: object  # the real stdout: the scripts' own output goes to the part's log instead
+    models: list = field(default_factory=list)  # (used by, path or id)
+
+    def say(self, message):
+        print(message, file=self.console, flush=True)
+        print(message)  # into the part's log as well
+
+    def device_flag(self):
+        return ["--device", self.args.device] if self.args.device else []
+
+    def seed_flag(self):
+        return ["--seed", str(self.args.seed)]
+
+    def steps_flag(self, steps):
+        return [] if steps is None else ["--steps", str(steps)]
+
+    def model(self, used_by, path):
+        self.models.append((used_by, str(path)))
+
+
+@dataclass
+class Section:
+    """A part's markdown and the figures (paths under OUT) it references."""
+
+    markdown: str
+    figures: list
+
+
+@dataclass
+class PartResult:
+    name: str
+    title: str
+    status: str  # done, skipped or failed
+    reason: str
+    seconds: float
+    section: Section
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+
+
+def file_digest(path):
+    """sha256 of a file, or of a folder (its files' relative paths and bytes, in sorted order); None if absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            while chunk := handle.read(HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()[:HASH_LENGTH]
+
+
+def figure(out, path, caption):
+    """Markdown for an image under OUT, by its relative path."""
+    return f"![{caption}]({Path(path).relative_to(out).as_posix()})"
+
+
+def table(header, rows):
+    """A markdown table from a header and rows of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def code(text):
+    """Text as a markdown code span: prompts hold "<new1>", which markdown would take for an HTML tag."""
+    return f"`{text}`"
+
+
+def percent(correct, total):
+    return f"{100 * correct / total:.2f}% ({correct}/{total})"
+
+
+def require(path, what, fix):
+    """Raise the one-line "missing prerequisite" error unless `path` exists."""
+    if not Path(path).exists():
+        raise Hw2Error(f"{what} not found at {path}: {fix}")
+    return Path(path)
+
+
+def load_images(paths):
+    """Image files as one N x 3 x H x W tensor in [-1, 1] (the range utils.save_grid takes)."""
+    arrays = [np.asarray(load_rgb(path)) for path in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def capture(function, argv):
+    """Run a script's main(argv), returning what it printed (it is also kept in the part's log)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        function(argv)
+    print(buffer.getvalue(), end="")
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------- P1
+
+
+def p1_checkpoint(context):
+    """--p1-ckpt, else a short one trained into OUT on a toy world with --quick, else p1_inference's own lookup."""
+    args = context.args
+    if args.p1_ckpt:
+        return require(args.p1_ckpt, "--p1-ckpt", "pass the ddpm*.safetensors written by p1_train.py")
+    if context.toy and args.quick:
+        folder = context.out / "p1" / "quick_checkpoint"
+        context.say(f"P1: training a short toy checkpoint into {folder} (--quick on a toy world).")
+        p1_train.main(["--data", str(context.data / "digits"), "--out", str(folder), *context.settings.p1_train,
+                       *context.seed_flag(), *context.device_flag()])
+        return folder / p1_train.CHECKPOINT_NAME
+    try:
+        return p1_inference.find_latest_checkpoint(p1_train.DEFAULT_OUT)
+    except Hw2Error:
+        raise Hw2Error(f"no P1 checkpoint (ddpm*.safetensors) in {p1_train.DEFAULT_OUT}: train one with `python "
+                       f"p1_train.py --data {context.data / 'digits'}` or pass --p1-ckpt (on a toy world, --quick "
+                       f"trains a short one itself)") from None
+
+
+def p1_evaluator(context):
+    """--p1-evaluator, else one trained into OUT on a toy world with --quick, else p1_eval's default; None if none."""
+    args = context.args
+    if args.p1_evaluator:
+        return require(args.p1_evaluator, "--p1-evaluator", "pass the file written by `python p1_eval.py train`")
+    if context.toy and args.quick:
+        folder = context.out / "p1" / "quick_checkpoint"
+        context.say(f"P1: training the evaluator for {context.settings.p1_evaluator_epochs} epoch(s) into {folder}.")
+        p1_eval.main([*context.device_flag(), "train", "--data", str(context.data / "digits"), "--out", str(folder),
+                      "--epochs", str(context.settings.p1_evaluator_epochs), *context.seed_flag()])
+        return folder / p1_eval.EVALUATOR_NAME
+    default = Path(p1_train.DEFAULT_OUT) / p1_eval.EVALUATOR_NAME
+    return default if default.is_file() else None
+
+
+def p1_part(context):
+    out = context.out / "p1"
+    ckpt = p1_checkpoint(context)
+    context.model("P1 diffusion model", ckpt)
+    samples = out / "samples"
+    p1_inference.main([str(samples), "--ckpt", str(ckpt), "--figures", str(out),
+                       *context.steps_flag(context.settings.p1_steps), *context.seed_flag(), *context.device_flag()])
+    names = {"mnistm": "MNIST-M", "svhn": "SVHN"}
+    grids = [out / f"p1_grid_{name}.png" for name in DATASETS]
+    strips = [out / f"p1_reverse_{name}.png" for name in DATASETS]
+    steps = context.settings.p1_steps or p1_inference.build_parser().get_default("steps")
+    lines = [f"Checkpoint `{ckpt}`; {NUM_DIGITS * p1_inference.PER_DIGIT} images per dataset sampled by "
+             f"`p1_inference.py` (DDIM, {steps} steps, the checkpoint's guidance weight, seed {context.args.seed}) "
+             f"into `{samples.relative_to(context.out)}/`.", ""]
+    for name, grid, strip in zip(DATASETS, grids, strips):
+        lines += [f"### {names[name]}", "", "Row = digit 0-9, column = a different noise x_T.", "",
+                  figure(context.out, grid, f"{names[name]} 10x10 grid"), "",
+                  f"The reverse process of the first \"0\" ({names[name]}), x_T to x_0, labelled with t:", "",
+                  figure(context.out, strip, f"{names[name]} reverse process"), ""]
+
+    lines += ["### Evaluator accuracy", ""]
+    evaluator = p1_evaluator(context)
+    if evaluator is None:
+        reason = (f"no evaluator at {Path(p1_train.DEFAULT_OUT) / p1_eval.EVALUATOR_NAME}: train it with `python "
+                  f"p1_eval.py train --data {context.data / 'digits'}` or pass --p1-evaluator")
+        context.say(f"P1 evaluator accuracy: skipped: {reason}")
+        lines += [f"*Skipped: {reason}.*", ""]
+    else:
+        context.model("P1 evaluator", evaluator)
+        score_args = p1_eval.build_parser().parse_args(["score", str(samples), "--evaluator", str(evaluator)])
+        accs = p1_eval.score_command(score_args, get_device(context.args.device))
+        rows = [[names[name], f"{acc:.4f}"] for name, acc in zip(DATASETS, accs)]
+        rows.append(["mean", f"{sum(accs) / len(accs):.4f}"])
+        lines += [f"Evaluator `{evaluator}` on the {NUM_DIGITS * p1_inference.PER_DIGIT} images of each dataset "
+                  f"(the label is the file name's first character, as the grader reads it):", "",
+                  table(["dataset", "accuracy"], rows), ""]
+
+    lines += ["### Accuracy versus guidance weight and sampler", ""]
+    bench = Path(context.args.p1_bench)
+    if bench.is_file():
+        text = bench.read_text(encoding="utf-8").strip()
+        lines += [f"From `{bench}` (written by `benchmarks/p1_bench.py --report`; its heading names the checkpoint "
+                  f"and machine):", "", re.sub(r"^#+ ", "#### ", text, flags=re.M), ""]
+    else:
+        reason = (f"no P1 benchmark results at {bench}: run `python benchmarks/p1_bench.py --ckpt {ckpt} --report "
+                  f"{bench}`")
+        context.say(f"P1 guidance/sampler table: skipped: {reason}")
+        lines += [f"*Skipped: {reason}.*", ""]
+    return Section("\n".join(lines), [*grids, *strips])
+
+
+# ------------------------------------------------------------------------------------------------- P2
+
+
+def p2_part(context):
+    out = context.out / "p2"
+    face = context.data / "face"
+    noise = require(face / "noise", "the face noise folder", "download the data with `bash hw2_download.sh`")
+    unet = require(context.args.face_unet or face / "UNet.pt", "the face UNet", "download the data or pass --face-unet")
+    context.model("P2 face UNet", unet)
+    gt = face / "GT"
+    faces = out / "faces"
+    steps = context.steps_flag(context.settings.p2_steps)
+    p2_ddim.main([str(noise), str(faces), str(unet), "--figures", str(out), *steps, *context.seed_flag(),
+                  *context.device_flag()])
+    interpolation = out / "interpolation"
+    p2_interpolate.main([str(noise), str(unet), str(interpolation), *steps, *context.device_flag()])
+    eta_grid, slerp, linear = out / "eta_grid.png", interpolation / "slerp.png", interpolation / "linear.png"
+    num_steps = context.settings.p2_steps or p2_ddim.DEFAULT_STEPS
+    lines = [
+        f"DDIM with {num_steps} steps on `{unet}`, images normalised per image like the course's ground truth.", "",
+        "### Faces for different eta", "",
+        "Rows eta = 0, 0.25, 0.5, 0.75, 1; columns the noises 00.pt-03.pt. eta = 0 is deterministic DDIM; eta = 1 "
+        "gives DDPM's posterior variance; larger eta adds more fresh noise at each step, so the image drifts away "
+        "from the deterministic one.", "",
+        figure(context.out, eta_grid, "eta grid"), "",
+        "### Interpolation between 00.pt and 01.pt", "",
+        "alpha = 0.0, 0.1, ..., 1.0. Slerp keeps the norm a Gaussian sample of this size has; linear interpolation "
+        "shrinks it in the middle (two independent N(0, I) noises averaged have about 0.71 of a sample's norm), "
+        "off the distribution the model was trained on, which gives washed-out, blurry middle frames.", "",
+        figure(context.out, slerp, "slerp strip"), "", figure(context.out, linear, "linear strip"), "",
+        "### MSE against the ground truth (eta = 0, 0-255 scale)", ""]
+    if gt.is_dir():
+        names = [path.stem for path in p2_ddim.noise_paths(noise)]
+        references = p2_ddim.load_ground_truth(gt, names, np.asarray(load_rgb(faces / f"{names[0]}.png")).shape[:2])
+        errors = [p2_ddim.mse_255(np.asarray(load_rgb(faces / f"{name}.png")), reference)
+                  for name, reference in zip(names, references)]
+        rows = [[f"{name}.png", f"{error:.4f}"] for name, error in zip(names, errors)]
+        rows.append(["mean", f"{np.mean(errors):.4f}"])
+        lines += [table(["image", "MSE"], rows), ""]
+    else:
+        reason = f"no ground-truth folder {gt}"
+        context.say(f"P2 MSE table: skipped: {reason}")
+        lines += [f"*Skipped: {reason}.*", ""]
+    return Section("\n".join(lines), [eta_grid, slerp, linear])
+
+
+# ---------------------------------------------------------------------------------------- P3 zero-shot
+
+
+def p3_zeroshot_part(context):
+    args = context.args
+    data = require(context.data / "clip_zeroshot", "the clip_zeroshot folder", "download the data")
+    out = context.out / "p3_zeroshot"
+    runs = {}
+    for prompts in ("single", "ensemble"):
+        argv = ["--data", str(data), "--prompts", prompts, "--out", str(out / prompts), *context.seed_flag(),
+                *context.device_flag()]
+        argv += ["--model", args.clip_model] if args.clip_model else []
+        argv += ["--pretrained", args.clip_pretrained] if args.clip_pretrained else []
+        if context.settings.zeroshot_workers is not None:
+            argv += ["--workers", str(context.settings.zeroshot_workers)]
+        p3_clip_zeroshot.main(argv)
+        runs[prompts] = json.loads((out / prompts / "metrics.json").read_text(encoding="utf-8"))
+    single = runs["single"]
+    weights = single["pretrained"]
+    context.model(f"P3 CLIP ({single['model']})", weights if Path(weights).is_file() else f"open_clip tag {weights}")
+
+    # the worst classes, with their most frequent confusion, from the single-prompt predictions
+    id2label = p3_clip_zeroshot.read_id2label(data)
+    names = list(id2label.values())
+    index = {name: i for i, name in enumerate(names)}
+    with open(out / "single" / "predictions.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = torch.tensor([index[row["label"]] for row in rows])
+    predictions = torch.tensor([index[row["prediction"]] for row in rows])
+    worst = p3_clip_zeroshot.per_class_rows(predictions, labels, names)[:WORST_CLASSES]
+    worst_rows = [[name, f"{100 * right / total:.1f}%", f"{right}/{total}",
+                   f"{confusion[0]} ({confusion[1]})" if confusion else "-"] for name, right, total, confusion in worst]
+
+    cases = out / "single" / "cases.png"
+    accuracy_rows = [[prompts, f"{len(run['templates'])}", percent(run["correct"], run["total"]),
+                      f"{100 * run['top5_accuracy']:.2f}%"] for prompts, run in runs.items()]
+    lines = [
+        f"Model {single['model']} (`{weights}`). CLIP encodes each image and one prompt per class (\"a photo of a "
+        "{class}.\") into unit vectors; an image's class is the one whose prompt has the highest cosine similarity. "
+        "The ensemble averages the text vectors of CLIP's 18 CIFAR-100 templates per class.", "",
+        table(["prompts", "templates", "accuracy", "top-5"], accuracy_rows), "",
+        f"### The {len(worst)} worst classes (single prompt)", "",
+        table(["class", "accuracy", "correct/total", "most often mistaken for"], worst_rows), "",
+        "### 5 successes and 5 failures (single prompt)", "",
+        figure(context.out, cases, "zero-shot successes and failures"), ""]
+    return Section("\n".join(lines), [cases])
+
+
+# ----------------------------------------------------------------------------------- textual inversion
+
+
+def ti_embeddings(context, input_json, model):
+    """Folder of learned_embeds files: trained into OUT on a toy world with --quick, else --ti-embeds."""
+    if context.toy and context.args.quick and not context.args.ti_embeds:
+        folder = context.out / "p3_ti" / "quick_embeds"
+        context.say(f"P3 textual inversion: training toy embeddings into {folder} (--quick on a toy world).")
+        p3_textual_inversion.main(["train", "--input-json", str(input_json), "--model", str(model), "--out",
+                                   str(folder), *context.settings.ti_train, *context.seed_flag(),
+                                   *context.device_flag()])
+        return folder
+    folder = Path(context.args.ti_embeds or Path(__file__).resolve().parent / p3_textual_inversion.DEFAULT_EMBEDS_DIR)
+    if not (folder.is_file() or folder.is_dir() and any(folder.rglob(p3_textual_inversion.EMBEDS_FILE))):
+        raise Hw2Error(f"no learned embeddings ({p3_textual_inversion.EMBEDS_FILE}) under {folder}: train them with "
+                       f"`python p3_textual_inversion.py train --input-json {input_json} --out {folder}` or pass "
+                       f"--ti-embeds")
+    return folder
+
+
+def parse_score_rows(text, count):
+    """The rows `p3_textual_inversion.py score` prints: (concept, prompt, CLIP-I, base, CLIP-T, base, result)."""
+    rows = [match.groups() for match in map(SCORE_ROW.match, text.splitlines()) if match]
+    if len(rows) != count:
+        raise RuntimeError(f"expected {count} score rows from p3_textual_inversion.py score, read {len(rows)}")
+    return rows
+
+
+def image_number(path):
+    """The image index i of a generated file `<stem>_<i>.png`."""
+    return int(path.stem.rsplit("_", 1)[1])
+
+
+def grid_of_prompts(folders, path, per_prompt=TI_GRID_IMAGES):
+    """One row per prompt folder: its images 0 .. per_prompt - 1."""
+    paths = [image for folder in folders
+             for image in sorted(p3_textual_inversion.list_images(folder), key=image_number)[:per_prompt]]
+    save_grid(load_images(paths), path, nrow=per_prompt)
+    return path
+
+
+def p3_ti_part(context):
+    args = context.args
+    input_json = require(context.data / "textual_inversion" / "input.json", "input.json", "download the data")
+    entries = p3_textual_inversion.read_input_json(input_json, p3_textual_inversion.INPUT_FIELDS)
+    model = args.sd_model or p3_textual_inversion.default_model(input_json)
+    context.model("P3 Stable Diffusion", model if Path(model).exists() else f"hub id {model}")
+    embeds = ti_embeddings(context, input_json, model)
+    for path in p3_textual_inversion.find_embeds([embeds]):
+        context.model("P3 learned embeddings", path)
+    out = context.out / "p3_ti"
+    generated = out / "generated"
+    common = [*context.steps_flag(context.settings.ti_steps), *context.seed_flag(), *context.device_flag()]
+    p3_textual_inversion.main(["generate", str(input_json), str(generated), str(model), "--embeds", str(embeds),
+                               *common])
+    score_argv = ["score", str(input_json), str(generated), *context.device_flag()]
+    score_argv += ["--clip", args.ti_clip] if args.ti_clip else []
+    jobs = p3_textual_inversion.output_jobs(entries, generated, None)  # (folder, stem, prompt, seed index)
+    scores = parse_score_rows(capture(p3_textual_inversion.main, score_argv), len(jobs))
+    score_rows = [[concept, code(prompt), clip_i, base_i, clip_t, base_t, result]
+                  for (_, _, prompt, _), (concept, _, clip_i, base_i, clip_t, base_t, result) in zip(jobs, scores)]
+    grid = grid_of_prompts([folder for folder, _, _, _ in jobs], out / "p3_ti_grid.png")
+
+    tokens = [entry["token_name"] for entry in entries.values()]
+    figures = [grid]
+    lines = [f"Stable Diffusion `{model}` with the learned embeddings under `{embeds}`; "
+             f"images written by `p3_textual_inversion.py generate` to `{generated.relative_to(context.out)}/`.", "",
+             "### CLIP scores against the baselines", "",
+             "The grader's formula: of the 25 images per prompt, the 5 with the highest CLIP-I + 2.5 CLIP-T; their "
+             "mean CLIP-I (against the concept's photos) and CLIP-T (against `prompt_4_clip_eval`).", "",
+             table(["concept", "prompt", "CLIP-I", "baseline", "CLIP-T", "baseline", "result"], score_rows), "",
+             f"### {TI_GRID_IMAGES} images per prompt", "",
+             "One row per prompt, in the table's order.", "", figure(context.out, grid, "generated images"), "",
+             "### Several concepts in one image", ""]
+    if len(tokens) < 2:
+        reason = f"{input_json} holds only {len(tokens)} concept; multi-concept prompts need two"
+        context.say(f"P3 multi-concept images: skipped: {reason}")
+        lines += [f"*Skipped: {reason}.*", ""]
+    else:
+        multi_prompts = [template.format(*tokens[:2]) for template in args.multi_prompt or MULTI_PROMPTS]
+        multi = out / "multi"
+        p3_textual_inversion.main(["generate", str(input_json), str(multi), str(model), "--embeds", str(embeds),
+                                   "--num-images", str(TI_GRID_IMAGES), *[x for p in multi_prompts
+                                                                          for x in ("--prompt", p)], *common])
+        multi_jobs = p3_textual_inversion.output_jobs(entries, multi, multi_prompts)
+        multi_grid = grid_of_prompts([folder for folder, _, _, _ in multi_jobs], out / "p3_ti_multi.png")
+        figures.append(multi_grid)
+        lines += ["One row per prompt: " + "; ".join(f"{k + 1}. {code(p)}" for k, p in enumerate(multi_prompts)) + ".",
+                  "", figure(context.out, multi_grid, "multi-concept images"), "",
+                  "A method built for several concepts is Custom Diffusion (Kumari et al., CVPR 2023): it fine-tunes "
+                  "only the key and value projections of the UNet's cross-attention layers together with a new "
+                  "modifier token, uses about 200 real regularization images with similar captions against "
+                  "forgetting, and combines concepts by training on both concepts' images jointly or by merging two "
+                  "separately tuned sets of key/value weights with a closed-form constrained optimization.", ""]
+    return Section("\n".join(lines), figures)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+PARTS = {
+    "p1": ("P1: conditional diffusion on MNIST-M and SVHN", p1_part),
+    "p2": ("P2: DDIM on the face UNet", p2_part),
+    "p3_zeroshot": ("P3: CLIP zero-shot classification", p3_zeroshot_part),
+    "p3_ti": ("P3: textual inversion", p3_ti_part),
+}
+
+
+def run_part(name, context):
+    """Run one part, its scripts' output into OUT/logs/<name>.log; a missing prerequisite becomes a skip line."""
+    title, build = PARTS[name]
+    log_path = context.out / "logs" / f"{name}.log"
+    log = io.StringIO()
+    start = time.perf_counter()
+    section, reason = Section("", []), ""
+    try:
+        with contextlib.redirect_stdout(log):
+            section = build(context)
+        status = "done"
+    except Hw2Error as err:
+        status, reason = "skipped", str(err)
+    except (Exception, SystemExit) as err:  # a bug, not a user's problem: keep going, record it, exit 1 at the end
+        status, reason = "failed", f"{type(err).__name__}: {err}"
+        log.write(traceback.format_exc())
+    seconds = time.perf_counter() - start
+    atomic_write_text(log_path, log.getvalue())
+    line = {"done": f"done in {seconds:.1f} s", "skipped": f"skipped: {reason}",
+            "failed": f"FAILED ({reason}); traceback in {log_path}"}[status]
+    print(f"{title}: {line}", file=context.console, flush=True)
+    return PartResult(name, title, status, reason, seconds, section)
+
+
+def header(context, results, command, total_seconds):
+    """The "what was run" tables: data world, mode, seed, device, each part's result and time, models and hashes."""
+    if not context.data.exists():
+        world = "not found"
+    elif context.toy:
+        marker = json.loads((find_toy_root(context.data) / TOY_MARKER).read_text(encoding="utf-8"))
+        world = (f"toy world (built by toy_data.py, seed {marker.get('seed')}): its numbers check the code, not the "
+                 f"methods")
+    else:
+        world = "real (the course's hw2_data)"
+    device = get_device(context.args.device)
+    settings = [["command", code(command)], ["data", f"`{context.data}`, {world}"],
+                ["mode", "quick (few sampling steps: a preview)" if context.args.quick else "full"],
+                ["seed", context.args.seed], ["device", f"{device} (torch {torch.__version__})"],
+                ["total wall time", f"{total_seconds:.1f} s"]]
+    parts = [[result.title, {"done": "done", "skipped": f"skipped: {result.reason}",
+                             "failed": f"**failed**: {result.reason} (see `logs/{result.name}.log`)"}[result.status],
+              f"{result.seconds:.1f} s"] for result in results]
+    models = []
+    for used_by, where in dict.fromkeys(context.models):  # in order of first use, without repeats
+        digest = file_digest(where)
+        models.append([used_by, f"`{where}`", f"`{digest}`" if digest else "-"])
+    lines = ["## What was run", "", table(["", ""], settings), "", table(["part", "result", "wall time"], parts), ""]
+    if models:
+        lines += [table(["used by", "model or checkpoint", f"sha256 (first {HASH_LENGTH})"], models), ""]
+    return "\n".join(lines)
+
+
+def render(context, results, command, total_seconds):
+    lines = ["# hw2 report", "", f"Regenerated by `make_report.py`; each part's script output is in `logs/`.", "",
+             header(context, results, command, total_seconds)]
+    for result in results:
+        lines += [f"## {result.title}", ""]
+        if result.status == "done":
+            lines += [result.section.markdown]
+        elif result.status == "skipped":
+            lines += [f"*Skipped: {result.reason}.*", ""]
+        else:
+            lines += [f"*Failed: {result.reason}; the traceback is in `logs/{result.name}.log`.*", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def parse_parts(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PARTS]
+    if unknown or not names:
+        raise Hw2Error(f"--parts {text!r}: use a comma-separated subset of {', '.join(PART_NAMES)}")
+    return [name for name in PART_NAMES if name in names]
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    parts = parse_parts(args.parts)
+    get_device(args.device)  # an unusable --device is one line, before any work
+    data, out = Path(args.data), Path(args.out)
+    toy = find_toy_root(data) is not None if data.exists() else False
+    if toy:
+        announce_toy_world(data)
+    context = Context(args=args, settings=QUICK if args.quick else FULL, data=data, out=out, toy=toy,
+                      console=sys.stdout)
+    command = " ".join(["python make_report.py", *(argv if argv is not None else sys.argv[1:])])
+    start = time.perf_counter()
+    results = [run_part(name, context) for name in parts]
+    report = out / "report.md"
+    atomic_write_text(report, render(context, results, command, time.perf_counter() - start))
+    counts = {status: sum(r.status == status for r in results) for status in ("done", "skipped", "failed")}
+    print(f"Wrote {report}: {counts['done']} part(s) done, {counts['skipped']} skipped, {counts['failed']} failed.")
+    failed = [r.name for r in results if r.status == "failed"]
+    if failed:
+        raise Hw2Error(f"part(s) {', '.join(failed)} failed; the tracebacks are in {out / 'logs'}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=str, default="hw2_data",
+                        help="The hw2_data folder (real, or a toy world from toy_data.py) (default: hw2_data).")
+    parser.add_argument("--out", type=str, default="report",
+                        help="Folder for report.md, its figures and the logs (default: report).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Very few sampling steps everywhere; on a toy world also train the short P1 model, "
+                             "evaluator and embeddings the report needs, inside --out (default: off).")
+    parser.add_argument("--parts", type=str, default=",".join(PART_NAMES),
+                        help=f"Comma-separated parts to run, of {', '.join(PART_NAMES)} (default: all).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed passed to every script (default: 0).")
+    parser.add_argument("--device", type=str, default=None,
+                        help="Device for every script: cpu, cuda, cuda:N or mps (default: the best available).")
+    parser.add_argument("--p1-ckpt", type=str, default=None,
+                        help=f"P1 diffusion checkpoint (default: the newest ddpm*.safetensors in "
+                             f"{p1_train.DEFAULT_OUT}, as p1_inference.py picks it).")
+    parser.add_argument("--p1-evaluator", type=str, default=None,
+                        help=f"P1 evaluator checkpoint (default: {Path(p1_train.DEFAULT_OUT) / p1_eval.EVALUATOR_NAME}"
+                             f"; the accuracy table is skipped without one).")
+    parser.add_argument("--p1-bench", type=str, default=P1_DEFAULT_BENCH,
+                        help=f"Markdown written by `benchmarks/p1_bench.py --report`, shown as the guidance/sampler "
+                             f"table when it exists (default: {P1_DEFAULT_BENCH}).")
+    parser.add_argument("--face-unet", type=str, default=None,
+                        help="P2 face UNet state_dict (default: DATA/face/UNet.pt).")
+    parser.add_argument("--clip-model", type=str, default=None,
+                        help="open_clip model name or config JSON for zero-shot (default: p3_clip_zeroshot.py's).")
+    parser.add_argument("--clip-pretrained", type=str, default=None,
+                        help="open_clip pretrained tag or weights file for zero-shot (default: p3_clip_zeroshot.py's).")
+    parser.add_argument("--sd-model", type=str, default=None,
+                        help="Stable Diffusion v1.4 .ckpt, diffusers folder or hub id (default: "
+                             "p3_textual_inversion.py's: the tiny toy model on a toy world, else the hub id).")
+    parser.add_argument("--ti-embeds", type=str, default=None,
+                        help=f"Folder (or file) of learned_embeds.safetensors (default: "
+                             f"{p3_textual_inversion.DEFAULT_EMBEDS_DIR} in this repository; on a toy world with "
+                             f"--quick, short embeddings trained into --out).")
+    parser.add_argument("--ti-clip", type=str, default=None,
+                        help="transformers CLIP for the textual-inversion scores (default: p3_textual_inversion.py's).")
+    parser.add_argument("--multi-prompt", type=str, action="append", default=None,
+                        help="A multi-concept prompt, repeatable; {0} and {1} stand for input.json's first two tokens "
+                             f"(default: {' and '.join(repr(p) for p in MULTI_PROMPTS)}).")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,73 @@
+"""The P2 scripts run as the grader runs them: on the toy world and on a full-size course-format checkpoint."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from p2_unet import FaceUNet
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *[str(a) for a in args]], cwd=REPO, env=ENV, capture_output=True,
+                          text=True)
+
+
+def test_grader_command_with_gt_and_figures_on_the_toy_world(toy_world, tmp_path):
+    face = toy_world / "face"
+    result = run("p2_ddim.py", face / "noise", tmp_path / "out", face / "UNet.pt", "--steps", "2", "--gt",
+                 face / "GT", "--figures", tmp_path / "figures")
+    assert result.returncode == 0, result.stderr
+    assert "Toy world:" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:02d}.png" for i in range(10)]
+    assert Image.open(tmp_path / "out" / "00.png").size == (64, 64)
+    assert len(re.findall(r"^\d\d\.png  MSE [\d.]+$", result.stdout, re.M)) == 10
+    assert "mean MSE over 10 images" in result.stdout
+    grid = Image.open(tmp_path / "figures" / "eta_grid.png")
+    assert grid.width > 4 * 64 and grid.height > 5 * 64  # 5 eta rows x 4 noise columns plus labels
+
+
+def test_a_bad_input_exits_1_with_one_line(toy_world, tmp_path):
+    face = toy_world / "face"
+    result = run("p2_ddim.py", face / "noise", tmp_path / "out", face / "GT" / "00.png")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot load") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_interpolation_writes_strips_and_frames(toy_world, tmp_path):
+    face = toy_world / "face"
+    result = run("p2_interpolate.py", face / "noise", face / "UNet.pt", tmp_path / "interp", "--steps", "1")
+    assert result.returncode == 0, result.stderr
+    for method in ["slerp", "linear"]:
+        frames = sorted(p.name for p in (tmp_path / "interp" / method).iterdir())
+        assert frames == [f"{i:02d}.png" for i in range(11)]
+        assert Image.open(tmp_path / "interp" / f"{method}.png").width > 11 * 64
+
+
+def test_grader_command_on_a_full_size_course_format_checkpoint(tmp_path):
+    """A randomly initialised base-128 model saved as a plain state_dict, as the course ships UNet.pt."""
+    torch.manual_seed(0)
+    torch.save(FaceUNet(base=128).state_dict(), tmp_path / "UNet.pt")
+    (tmp_path / "noise").mkdir()
+    torch.save(torch.randn(1, 3, 64, 64), tmp_path / "noise" / "00.pt")
+    result = run("p2_ddim.py", tmp_path / "noise", tmp_path / "out", tmp_path / "UNet.pt", "--steps", "1")
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["00.png"]
+
+
+@pytest.mark.slow
+def test_grader_command_reproduces_all_toy_ground_truth(toy_world, tmp_path):
+    face = toy_world / "face"
+    result = run("p2_ddim.py", face / "noise", tmp_path / "out", face / "UNet.pt", "--gt", face / "GT")
+    assert result.returncode == 0, result.stderr
+    mean = float(re.search(r"mean MSE over 10 images \(0-255 scale\): ([\d.]+)", result.stdout).group(1))
+    assert mean < 1, result.stdout

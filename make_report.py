@@ -41,8 +41,8 @@ import p2_interpolate
 import p3_clip_zeroshot
 import p3_textual_inversion
 from p1_model import DATASETS, NUM_DIGITS
-from utils import (TOY_MARKER, Hw2Error, announce_toy_world, atomic_write_text, find_toy_root, get_device, load_rgb,
-                   run_cli, save_grid)
+from utils import (TOY_MARKER, Hw2Error, announce_toy_world, atomic_write_text, find_toy_root, get_device,
+                   load_checkpoint, load_rgb, run_cli, save_grid)
 
 PART_NAMES = ("p1", "p2", "p3_zeroshot", "p3_ti")
 HASH_LENGTH = 12  # hex digits of sha256 shown in the header
@@ -68,7 +68,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(p1_steps=2, p2_steps=5, ti_steps=2, zeroshot_workers=0,
+QUICK = Settings(p1_steps=5, p2_steps=5, ti_steps=2, zeroshot_workers=0,
                  # seconds on 2 cores: one epoch over 64 images per dataset, no sample grid
                  p1_train=("--epochs", "1", "--limit", "64", "--batch-size", "32", "--grid-every", "0"),
                  p1_evaluator_epochs=1, ti_train=("--steps", "2", "--batch-size", "1"))
@@ -168,6 +168,12 @@ def require(path, what, fix):
     return Path(path)
 
 
+def skipped_step(context, what, reason):
+    """One step of a part cannot run: one line on the console, and the markdown that says so."""
+    context.say(f"{what}: skipped: {reason}")
+    return [f"**Skipped:** {reason}.", ""]
+
+
 def load_images(paths):
     """Image files as one N x 3 x H x W tensor in [-1, 1] (the range utils.save_grid takes)."""
     arrays = [np.asarray(load_rgb(path)) for path in paths]
@@ -245,17 +251,19 @@ def p1_part(context):
     if evaluator is None:
         reason = (f"no evaluator at {Path(p1_train.DEFAULT_OUT) / p1_eval.EVALUATOR_NAME}: train it with `python "
                   f"p1_eval.py train --data {context.data / 'digits'}` or pass --p1-evaluator")
-        context.say(f"P1 evaluator accuracy: skipped: {reason}")
-        lines += [f"*Skipped: {reason}.*", ""]
+        lines += skipped_step(context, "P1 evaluator accuracy", reason)
     else:
         context.model("P1 evaluator", evaluator)
         score_args = p1_eval.build_parser().parse_args(["score", str(samples), "--evaluator", str(evaluator)])
         accs = p1_eval.score_command(score_args, get_device(context.args.device))
-        rows = [[names[name], f"{acc:.4f}"] for name, acc in zip(DATASETS, accs)]
-        rows.append(["mean", f"{sum(accs) / len(accs):.4f}"])
-        lines += [f"Evaluator `{evaluator}` on the {NUM_DIGITS * p1_inference.PER_DIGIT} images of each dataset "
-                  f"(the label is the file name's first character, as the grader reads it):", "",
-                  table(["dataset", "accuracy"], rows), ""]
+        val_acc = load_checkpoint(evaluator).get("val_acc", {})  # what `p1_eval.py train` measured on val.csv
+        rows = [[names[name], f"{acc:.4f}", f"{val_acc[name]:.4f}" if name in val_acc else "-"]
+                for name, acc in zip(DATASETS, accs)]
+        rows.append(["mean", f"{sum(accs) / len(accs):.4f}", ""])
+        lines += [f"Evaluator `{evaluator}` on the {NUM_DIGITS * p1_inference.PER_DIGIT} generated images of each "
+                  f"dataset (the label is the file name's first character, as the grader reads it), beside the "
+                  f"evaluator's own accuracy on the real held-out images:", "",
+                  table(["dataset", "generated images", "evaluator on real val images"], rows), ""]
 
     lines += ["### Accuracy versus guidance weight and sampler", ""]
     bench = Path(context.args.p1_bench)
@@ -266,8 +274,7 @@ def p1_part(context):
     else:
         reason = (f"no P1 benchmark results at {bench}: run `python benchmarks/p1_bench.py --ckpt {ckpt} --report "
                   f"{bench}`")
-        context.say(f"P1 guidance/sampler table: skipped: {reason}")
-        lines += [f"*Skipped: {reason}.*", ""]
+        lines += skipped_step(context, "P1 guidance/sampler table", reason)
     return Section("\n".join(lines), [*grids, *strips])
 
 
@@ -309,11 +316,13 @@ def p2_part(context):
                   for name, reference in zip(names, references)]
         rows = [[f"{name}.png", f"{error:.4f}"] for name, error in zip(names, errors)]
         rows.append(["mean", f"{np.mean(errors):.4f}"])
+        if num_steps != p2_ddim.DEFAULT_STEPS:
+            lines += [f"These images took {num_steps} steps, not the {p2_ddim.DEFAULT_STEPS} the ground truth was made "
+                      f"with, so the errors are large.", ""]
         lines += [table(["image", "MSE"], rows), ""]
     else:
         reason = f"no ground-truth folder {gt}"
-        context.say(f"P2 MSE table: skipped: {reason}")
-        lines += [f"*Skipped: {reason}.*", ""]
+        lines += skipped_step(context, "P2 MSE table", reason)
     return Section("\n".join(lines), [eta_grid, slerp, linear])
 
 
@@ -441,8 +450,7 @@ def p3_ti_part(context):
              "### Several concepts in one image", ""]
     if len(tokens) < 2:
         reason = f"{input_json} holds only {len(tokens)} concept; multi-concept prompts need two"
-        context.say(f"P3 multi-concept images: skipped: {reason}")
-        lines += [f"*Skipped: {reason}.*", ""]
+        lines += skipped_step(context, "P3 multi-concept images", reason)
     else:
         multi_prompts = [template.format(*tokens[:2]) for template in args.multi_prompt or MULTI_PROMPTS]
         multi = out / "multi"
@@ -485,6 +493,7 @@ def run_part(name, context):
         status = "done"
     except Hw2Error as err:
         status, reason = "skipped", str(err)
+        log.write(f"skipped: {reason}\n")
     except (Exception, SystemExit) as err:  # a bug, not a user's problem: keep going, record it, exit 1 at the end
         status, reason = "failed", f"{type(err).__name__}: {err}"
         log.write(traceback.format_exc())
@@ -532,9 +541,9 @@ def render(context, results, command, total_seconds):
         if result.status == "done":
             lines += [result.section.markdown]
         elif result.status == "skipped":
-            lines += [f"*Skipped: {result.reason}.*", ""]
+            lines += [f"**Skipped:** {result.reason}.", ""]
         else:
-            lines += [f"*Failed: {result.reason}; the traceback is in `logs/{result.name}.log`.*", ""]
+            lines += [f"**Failed:** {result.reason}; the traceback is in `logs/{result.name}.log`.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -21,9 +21,19 @@ def run(*args):
                           text=True)
 
 
+def test_toy_face_layout(toy_world):
+    face = toy_world / "face"
+    state = torch.load(face / "UNet.pt", weights_only=True)  # a plain state_dict, as the course ships it
+    assert type(state).__name__ == "OrderedDict" and state["down1.weight"].shape == (32, 3, 3, 3)
+    for i in range(10):
+        noise = torch.load(face / "noise" / f"{i:02d}.pt", weights_only=True)
+        assert noise.shape == (1, 3, 64, 64) and noise.dtype == torch.float32
+        assert Image.open(face / "GT" / f"{i:02d}.png").size == (64, 64)
+
+
 def test_grader_command_with_gt_and_figures_on_the_toy_world(toy_world, tmp_path):
     face = toy_world / "face"
-    result = run("p2_ddim.py", face / "noise", tmp_path / "out", face / "UNet.pt", "--steps", "2", "--gt",
+    result = run("p2_ddim.py", face / "noise", tmp_path / "out", face / "UNet.pt", "--steps", "1", "--gt",
                  face / "GT", "--figures", tmp_path / "figures")
     assert result.returncode == 0, result.stderr
     assert "Toy world:" in result.stdout

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -44,7 +45,6 @@ from p1_model import DATASETS, NUM_DIGITS
 from utils import (TOY_MARKER, Hw2Error, announce_toy_world, atomic_write_text, find_toy_root, get_device,
                    load_checkpoint, load_rgb, run_cli, save_grid)
 
-PART_NAMES = ("p1", "p2", "p3_zeroshot", "p3_ti")
 HASH_LENGTH = 12  # hex digits of sha256 shown in the header
 HASH_CHUNK = 1 << 20
 P1_DEFAULT_BENCH = "BENCH_p1.md"  # where p1_bench.py's README example writes its --report
@@ -104,21 +104,13 @@ class Context:
 
 
 @dataclass
-class Section:
-    """A part's markdown and the figures (paths under OUT) it references."""
-
-    markdown: str
-    figures: list
-
-
-@dataclass
 class PartResult:
     name: str
     title: str
     status: str  # done, skipped or failed
     reason: str
     seconds: float
-    section: Section
+    markdown: str  # the part's section of report.md when done
 
 
 # ------------------------------------------------------------------------------------------ small helpers
@@ -233,7 +225,6 @@ def p1_part(context):
     samples = out / "samples"
     p1_inference.main([str(samples), "--ckpt", str(ckpt), "--figures", str(out),
                        *context.steps_flag(context.settings.p1_steps), *context.seed_flag(), *context.device_flag()])
-    names = {"mnistm": "MNIST-M", "svhn": "SVHN"}
     grids = [out / f"p1_grid_{name}.png" for name in DATASETS]
     strips = [out / f"p1_reverse_{name}.png" for name in DATASETS]
     steps = context.settings.p1_steps or p1_inference.build_parser().get_default("steps")
@@ -241,10 +232,10 @@ def p1_part(context):
              f"`p1_inference.py` (DDIM, {steps} steps, the checkpoint's guidance weight, seed {context.args.seed}) "
              f"into `{samples.relative_to(context.out)}/`.", ""]
     for name, grid, strip in zip(DATASETS, grids, strips):
-        lines += [f"### {names[name]}", "", "Row = digit 0-9, column = a different noise x_T.", "",
-                  figure(context.out, grid, f"{names[name]} 10x10 grid"), "",
-                  f"The reverse process of the first \"0\" ({names[name]}), x_T to x_0, labelled with t:", "",
-                  figure(context.out, strip, f"{names[name]} reverse process"), ""]
+        lines += [f"### {p1_eval.DISPLAY[name]}", "", "Row = digit 0-9, column = a different noise x_T.", "",
+                  figure(context.out, grid, f"{p1_eval.DISPLAY[name]} 10x10 grid"), "",
+                  f"The reverse process of the first \"0\" ({p1_eval.DISPLAY[name]}), x_T to x_0, labelled with t:", "",
+                  figure(context.out, strip, f"{p1_eval.DISPLAY[name]} reverse process"), ""]
 
     lines += ["### Evaluator accuracy", ""]
     evaluator = p1_evaluator(context)
@@ -257,7 +248,7 @@ def p1_part(context):
         score_args = p1_eval.build_parser().parse_args(["score", str(samples), "--evaluator", str(evaluator)])
         accs = p1_eval.score_command(score_args, get_device(context.args.device))
         val_acc = load_checkpoint(evaluator).get("val_acc", {})  # what `p1_eval.py train` measured on val.csv
-        rows = [[names[name], f"{acc:.4f}", f"{val_acc[name]:.4f}" if name in val_acc else "-"]
+        rows = [[p1_eval.DISPLAY[name], f"{acc:.4f}", f"{val_acc[name]:.4f}" if name in val_acc else "-"]
                 for name, acc in zip(DATASETS, accs)]
         rows.append(["mean", f"{sum(accs) / len(accs):.4f}", ""])
         lines += [f"Evaluator `{evaluator}` on the {NUM_DIGITS * p1_inference.PER_DIGIT} generated images of each "
@@ -275,7 +266,7 @@ def p1_part(context):
         reason = (f"no P1 benchmark results at {bench}: run `python benchmarks/p1_bench.py --ckpt {ckpt} --report "
                   f"{bench}`")
         lines += skipped_step(context, "P1 guidance/sampler table", reason)
-    return Section("\n".join(lines), [*grids, *strips])
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- P2
@@ -323,7 +314,7 @@ def p2_part(context):
     else:
         reason = f"no ground-truth folder {gt}"
         lines += skipped_step(context, "P2 MSE table", reason)
-    return Section("\n".join(lines), [eta_grid, slerp, linear])
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------- P3 zero-shot
@@ -365,13 +356,14 @@ def p3_zeroshot_part(context):
     lines = [
         f"Model {single['model']} (`{weights}`). CLIP encodes each image and one prompt per class (\"a photo of a "
         "{class}.\") into unit vectors; an image's class is the one whose prompt has the highest cosine similarity. "
-        "The ensemble averages the text vectors of CLIP's 18 CIFAR-100 templates per class.", "",
+        f"The ensemble averages the text vectors of CLIP's {len(runs['ensemble']['templates'])} CIFAR-100 templates "
+        f"per class.", "",
         table(["prompts", "templates", "accuracy", "top-5"], accuracy_rows), "",
         f"### The {len(worst)} worst classes (single prompt)", "",
         table(["class", "accuracy", "correct/total", "most often mistaken for"], worst_rows), "",
         "### 5 successes and 5 failures (single prompt)", "",
         figure(context.out, cases, "zero-shot successes and failures"), ""]
-    return Section("\n".join(lines), [cases])
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------- textual inversion
@@ -415,10 +407,23 @@ def grid_of_prompts(folders, path, per_prompt=TI_GRID_IMAGES):
     return path
 
 
+def multi_prompt(template, tokens):
+    """A --multi-prompt template with {0} and {1} replaced by the first two concepts' tokens."""
+    try:
+        return template.format(*tokens[:2])
+    except (IndexError, KeyError, ValueError) as err:
+        raise Hw2Error(f"--multi-prompt {template!r} must use only {{0}} and {{1}} (the tokens {tokens[0]} and "
+                       f"{tokens[1]}) and no other braces") from err
+
+
 def p3_ti_part(context):
     args = context.args
     input_json = require(context.data / "textual_inversion" / "input.json", "input.json", "download the data")
     entries = p3_textual_inversion.read_input_json(input_json, p3_textual_inversion.INPUT_FIELDS)
+    tokens = [entry["token_name"] for entry in entries.values()]
+    multi_prompts = []  # checked before any work; none when input.json has a single concept
+    if len(tokens) >= 2:
+        multi_prompts = [multi_prompt(template, tokens) for template in args.multi_prompt or MULTI_PROMPTS]
     model = args.sd_model or p3_textual_inversion.default_model(input_json)
     context.model("P3 Stable Diffusion", model if Path(model).exists() else f"hub id {model}")
     embeds = ti_embeddings(context, input_json, model)
@@ -437,29 +442,26 @@ def p3_ti_part(context):
                   for (_, _, prompt, _), (concept, _, clip_i, base_i, clip_t, base_t, result) in zip(jobs, scores)]
     grid = grid_of_prompts([folder for folder, _, _, _ in jobs], out / "p3_ti_grid.png")
 
-    tokens = [entry["token_name"] for entry in entries.values()]
-    figures = [grid]
     lines = [f"Stable Diffusion `{model}` with the learned embeddings under `{embeds}`; "
              f"images written by `p3_textual_inversion.py generate` to `{generated.relative_to(context.out)}/`.", "",
              "### CLIP scores against the baselines", "",
-             "The grader's formula: of the 25 images per prompt, the 5 with the highest CLIP-I + 2.5 CLIP-T; their "
-             "mean CLIP-I (against the concept's photos) and CLIP-T (against `prompt_4_clip_eval`).", "",
+             f"The grader's formula: of the {p3_textual_inversion.GRADER_IMAGES} images per prompt, the "
+             f"{p3_textual_inversion.GRADER_TOP_K} with the highest CLIP-I + {p3_textual_inversion.GRADER_TEXT_WEIGHT} "
+             f"CLIP-T; their mean CLIP-I (against the concept's photos) and CLIP-T (against `prompt_4_clip_eval`).", "",
              table(["concept", "prompt", "CLIP-I", "baseline", "CLIP-T", "baseline", "result"], score_rows), "",
              f"### {TI_GRID_IMAGES} images per prompt", "",
              "One row per prompt, in the table's order.", "", figure(context.out, grid, "generated images"), "",
              "### Several concepts in one image", ""]
-    if len(tokens) < 2:
+    if not multi_prompts:
         reason = f"{input_json} holds only {len(tokens)} concept; multi-concept prompts need two"
         lines += skipped_step(context, "P3 multi-concept images", reason)
     else:
-        multi_prompts = [template.format(*tokens[:2]) for template in args.multi_prompt or MULTI_PROMPTS]
         multi = out / "multi"
         p3_textual_inversion.main(["generate", str(input_json), str(multi), str(model), "--embeds", str(embeds),
                                    "--num-images", str(TI_GRID_IMAGES), *[x for p in multi_prompts
                                                                           for x in ("--prompt", p)], *common])
         multi_jobs = p3_textual_inversion.output_jobs(entries, multi, multi_prompts)
         multi_grid = grid_of_prompts([folder for folder, _, _, _ in multi_jobs], out / "p3_ti_multi.png")
-        figures.append(multi_grid)
         lines += ["One row per prompt: " + "; ".join(f"{k + 1}. {code(p)}" for k, p in enumerate(multi_prompts)) + ".",
                   "", figure(context.out, multi_grid, "multi-concept images"), "",
                   "A method built for several concepts is Custom Diffusion (Kumari et al., CVPR 2023): it fine-tunes "
@@ -467,7 +469,7 @@ def p3_ti_part(context):
                   "modifier token, uses about 200 real regularization images with similar captions against "
                   "forgetting, and combines concepts by training on both concepts' images jointly or by merging two "
                   "separately tuned sets of key/value weights with a closed-form constrained optimization.", ""]
-    return Section("\n".join(lines), figures)
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -486,10 +488,10 @@ def run_part(name, context):
     log_path = context.out / "logs" / f"{name}.log"
     log = io.StringIO()
     start = time.perf_counter()
-    section, reason = Section("", []), ""
+    markdown, reason = "", ""
     try:
         with contextlib.redirect_stdout(log):
-            section = build(context)
+            markdown = build(context)
         status = "done"
     except Hw2Error as err:
         status, reason = "skipped", str(err)
@@ -502,7 +504,7 @@ def run_part(name, context):
     line = {"done": f"done in {seconds:.1f} s", "skipped": f"skipped: {reason}",
             "failed": f"FAILED ({reason}); traceback in {log_path}"}[status]
     print(f"{title}: {line}", file=context.console, flush=True)
-    return PartResult(name, title, status, reason, seconds, section)
+    return PartResult(name, title, status, reason, seconds, markdown)
 
 
 def header(context, results, command, total_seconds):
@@ -534,12 +536,12 @@ def header(context, results, command, total_seconds):
 
 
 def render(context, results, command, total_seconds):
-    lines = ["# hw2 report", "", f"Regenerated by `make_report.py`; each part's script output is in `logs/`.", "",
+    lines = ["# hw2 report", "", "Regenerated by `make_report.py`; each part's script output is in `logs/`.", "",
              header(context, results, command, total_seconds)]
     for result in results:
         lines += [f"## {result.title}", ""]
         if result.status == "done":
-            lines += [result.section.markdown]
+            lines += [result.markdown]
         elif result.status == "skipped":
             lines += [f"**Skipped:** {result.reason}.", ""]
         else:
@@ -551,8 +553,8 @@ def parse_parts(text):
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in PARTS]
     if unknown or not names:
-        raise Hw2Error(f"--parts {text!r}: use a comma-separated subset of {', '.join(PART_NAMES)}")
-    return [name for name in PART_NAMES if name in names]
+        raise Hw2Error(f"--parts {text!r}: use a comma-separated subset of {', '.join(PARTS)}")
+    return [name for name in PARTS if name in names]
 
 
 def main(argv=None):
@@ -560,12 +562,12 @@ def main(argv=None):
     parts = parse_parts(args.parts)
     get_device(args.device)  # an unusable --device is one line, before any work
     data, out = Path(args.data), Path(args.out)
-    toy = find_toy_root(data) is not None if data.exists() else False
+    toy = find_toy_root(data) is not None
     if toy:
         announce_toy_world(data)
     context = Context(args=args, settings=QUICK if args.quick else FULL, data=data, out=out, toy=toy,
                       console=sys.stdout)
-    command = " ".join(["python make_report.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "make_report.py", *(argv if argv is not None else sys.argv[1:])])
     start = time.perf_counter()
     results = [run_part(name, context) for name in parts]
     report = out / "report.md"
@@ -586,8 +588,8 @@ def build_parser():
     parser.add_argument("--quick", action="store_true",
                         help="Very few sampling steps everywhere; on a toy world also train the short P1 model, "
                              "evaluator and embeddings the report needs, inside --out (default: off).")
-    parser.add_argument("--parts", type=str, default=",".join(PART_NAMES),
-                        help=f"Comma-separated parts to run, of {', '.join(PART_NAMES)} (default: all).")
+    parser.add_argument("--parts", type=str, default=",".join(PARTS),
+                        help=f"Comma-separated parts to run, of {', '.join(PARTS)} (default: all).")
     parser.add_argument("--seed", type=int, default=0, help="Seed passed to every script (default: 0).")
     parser.add_argument("--device", type=str, default=None,
                         help="Device for every script: cpu, cuda, cuda:N or mps (default: the best available).")

@@ -428,12 +428,19 @@ class Diffusion(nn.Module):
         return diffusion_loss(self.net, x0, digit, dataset, self.config, self.alpha_bar, generator)
 
     def sample(self, x_T, digit, dataset, w=0.0, sampler="ddim", steps=50, eta=0.0, generator=None):
-        """Generator of (paper t, x_t) from x_T to x_0 for the given labels, guidance w and sampler."""
+        """Generator of (paper t, x_t) from x_T to x_0 for the given labels, guidance w and sampler.
+
+        DDPM clips x0_pred to [-1, 1]: its posterior mean uses only x0_pred and x_t, so that stays consistent.
+        DDIM does not: its step also uses eps, which clipping x0_pred leaves unchanged, and under strong guidance
+        that mismatch accumulated into speckles (toy world, w = 4, 25 steps: 0.46 / 0.36 accuracy with clipping,
+        0.58 / 0.76 without).
+        """
         def denoise(x_t, t):
             return guided_output(self.net, x_t, t, digit, dataset, w).to(x_t.dtype)
 
         if sampler == "ddpm":
             return ddpm_sample(denoise, x_T, self.betas, self.alpha_bar, self.config.prediction, generator)
         if sampler == "ddim":
-            return ddim_sample(denoise, x_T, self.alpha_bar, self.config.prediction, steps, eta, generator)
+            return ddim_sample(denoise, x_T, self.alpha_bar, self.config.prediction, steps, eta, generator,
+                               clip=False)
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")

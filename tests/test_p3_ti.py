@@ -67,6 +67,11 @@ def test_toy_tokenizer_gives_open_clip_ids(toy_sd):
         assert (a[length:] == 49407).all(), text
 
 
+def test_toy_models_stay_small(toy_world):
+    size = sum(f.stat().st_size for d in (ti.TOY_SD, ti.TOY_CLIP) for f in (toy_world / d).rglob("*") if f.is_file())
+    assert size < 20 * 2**20, f"toy SD + CLIP scorer take {size / 2**20:.1f} MB"
+
+
 # ------------------------------------------------------------------------------------------------- method
 
 

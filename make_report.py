@@ -51,7 +51,6 @@ P1_DEFAULT_BENCH = "BENCH_p1.md"  # where p1_bench.py's README example writes it
 WORST_CLASSES = 10
 TI_GRID_IMAGES = 4  # images per prompt in the textual-inversion grids
 MULTI_PROMPTS = ("A {0} next to a {1}.", "A {0} in the style of {1}.")  # {0}, {1}: input.json's first two tokens
-SCORE_ROW = re.compile(r"^\s*(\S+)\s+(\d+)\s+(-?[\d.]+)\s+(\S+)\s+(-?[\d.]+)\s+(\S+)\s+(PASS|FAIL)\s*$")
 
 
 @dataclass(frozen=True)
@@ -172,15 +171,6 @@ def load_images(paths):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def capture(function, argv):
-    """Run a script's main(argv), returning what it printed (it is also kept in the part's log)."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        function(argv)
-    print(buffer.getvalue(), end="")
-    return buffer.getvalue()
-
-
 # ------------------------------------------------------------------------------------------------- P1
 
 
@@ -290,14 +280,15 @@ def p2_part(context):
     lines = [
         f"DDIM with {num_steps} steps on `{unet}`, images normalised per image like the course's ground truth.", "",
         "### Faces for different eta", "",
-        "Rows eta = 0, 0.25, 0.5, 0.75, 1; columns the noises 00.pt-03.pt. eta = 0 is deterministic DDIM; eta = 1 "
-        "gives DDPM's posterior variance; larger eta adds more fresh noise at each step, so the image drifts away "
-        "from the deterministic one.", "",
+        f"Rows eta = {', '.join(f'{eta:g}' for eta in p2_ddim.FIGURE_ETAS)}; columns the noises 00.pt-"
+        f"{p2_ddim.FIGURE_NOISES - 1:02d}.pt. eta = 0 is deterministic DDIM; eta = 1 gives DDPM's posterior variance; "
+        "larger eta adds more fresh noise at each step, so the image drifts away from the deterministic one.", "",
         figure(context.out, eta_grid, "eta grid"), "",
         "### Interpolation between 00.pt and 01.pt", "",
-        "alpha = 0.0, 0.1, ..., 1.0. Slerp keeps the norm a Gaussian sample of this size has; linear interpolation "
-        "shrinks it in the middle (two independent N(0, I) noises averaged have about 0.71 of a sample's norm), "
-        "off the distribution the model was trained on, which gives washed-out, blurry middle frames.", "",
+        f"alpha = {', '.join(f'{alpha:.1f}' for alpha in p2_interpolate.ALPHAS)}. Slerp keeps the norm a Gaussian "
+        "sample of this size has; linear interpolation shrinks it in the middle (two independent N(0, I) noises "
+        "averaged have about 0.71 of a sample's norm), off the distribution the model was trained on, which gives "
+        "washed-out, blurry middle frames.", "",
         figure(context.out, slerp, "slerp strip"), "", figure(context.out, linear, "linear strip"), "",
         "### MSE against the ground truth (eta = 0, 0-255 scale)", ""]
     if gt.is_dir():
@@ -386,14 +377,6 @@ def ti_embeddings(context, input_json, model):
     return folder
 
 
-def parse_score_rows(text, count):
-    """The rows `p3_textual_inversion.py score` prints: (concept, prompt, CLIP-I, base, CLIP-T, base, result)."""
-    rows = [match.groups() for match in map(SCORE_ROW.match, text.splitlines()) if match]
-    if len(rows) != count:
-        raise RuntimeError(f"expected {count} score rows from p3_textual_inversion.py score, read {len(rows)}")
-    return rows
-
-
 def image_number(path):
     """The image index i of a generated file `<stem>_<i>.png`."""
     return int(path.stem.rsplit("_", 1)[1])
@@ -437,9 +420,10 @@ def p3_ti_part(context):
     score_argv = ["score", str(input_json), str(generated), *context.device_flag()]
     score_argv += ["--clip", args.ti_clip] if args.ti_clip else []
     jobs = p3_textual_inversion.output_jobs(entries, generated, None)  # (folder, stem, prompt, seed index)
-    scores = parse_score_rows(capture(p3_textual_inversion.main, score_argv), len(jobs))
-    score_rows = [[concept, code(prompt), clip_i, base_i, clip_t, base_t, result]
-                  for (_, _, prompt, _), (concept, _, clip_i, base_i, clip_t, base_t, result) in zip(jobs, scores)]
+    scores = p3_textual_inversion.main(score_argv)  # one dict per (concept, prompt), in the jobs' order
+    score_rows = [[row["concept"], code(prompt), f"{row['clip_i']:.2f}", row["baseline_i"], f"{row['clip_t']:.2f}",
+                   row["baseline_t"], "PASS" if row["passed"] else "FAIL"]
+                  for (_, _, prompt, _), row in zip(jobs, scores)]
     grid = grid_of_prompts([folder for folder, _, _, _ in jobs], out / "p3_ti_grid.png")
 
     lines = [f"Stable Diffusion `{model}` with the learned embeddings under `{embeds}`; "

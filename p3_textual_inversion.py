@@ -674,7 +674,7 @@ def run_score(args):
     device = get_device(args.device)
     model, processor = load_clip(clip)
     model.to(device)
-    passed, total = 0, 0
+    rows = []
     print(f"{'concept':>7} {'prompt':>6} {'CLIP-I':>7} {'base':>5} {'CLIP-T':>7} {'base':>5}  result")
     for concept, entry in data.items():
         references = image_features(model, processor, list_images(concepts / concept), device)
@@ -683,11 +683,13 @@ def run_score(args):
             clip_i, clip_t = clip_scores(generated, references, text_features(model, processor, eval_prompt, device))
             mean_i, mean_t = top_k_means(clip_i, clip_t)
             ok = mean_i >= base_i and mean_t >= base_t
-            passed, total = passed + ok, total + 1
+            rows.append({"concept": concept, "prompt": p, "clip_i": mean_i, "baseline_i": base_i,
+                         "clip_t": mean_t, "baseline_t": base_t, "passed": ok})
             print(f"{concept:>7} {p:>6} {mean_i:7.2f} {base_i:5} {mean_t:7.2f} {base_t:5}  {'PASS' if ok else 'FAIL'}")
-    print(f"passed {passed}/{total} (CLIP {clip}; mean of the top {GRADER_TOP_K} of {GRADER_IMAGES} by "
+    passed = sum(row["passed"] for row in rows)
+    print(f"passed {passed}/{len(rows)} (CLIP {clip}; mean of the top {GRADER_TOP_K} of {GRADER_IMAGES} by "
           f"CLIP-I + {GRADER_TEXT_WEIGHT} CLIP-T)")
-    return passed, total
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------- CLI

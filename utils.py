@@ -107,6 +107,9 @@ def atomic_path(path):
     except OSError as err:
         raise Hw2Error(f"cannot write {path}: {err.strerror or err}") from err
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions of a new file
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:

@@ -21,7 +21,7 @@ from p1_eval import EVALUATOR_NAME, accuracy, load_evaluator, predict  # noqa: E
 from p1_inference import find_latest_checkpoint, generate, sample_plan  # noqa: E402
 from p1_model import DATASETS, Diffusion, diffusion_loss, final  # noqa: E402
 from p1_train import DEFAULT_DATA, DEFAULT_OUT, load_model_checkpoint, load_split, to_model_range  # noqa: E402
-from utils import Hw2Error, atomic_write_text, get_device, run_cli  # noqa: E402
+from utils import Hw2Error, atomic_write_text, get_device, run_cli, to_uint8  # noqa: E402
 
 
 def training_rate(config, images, digits, dataset_ids, batch_size, steps, device):
@@ -61,6 +61,8 @@ def sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit, 
     start = time.perf_counter()
     images, _ = generate(diffusion, settings, device, per_digit=per_digit)
     seconds = time.perf_counter() - start
+    # score what the grader sees: images rounded to 8-bit PNG values (clamped to [-1, 1])
+    images = to_model_range(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2))
     plan = sample_plan(per_digit)
     dataset = torch.tensor([p[0] for p in plan])
     digit = torch.tensor([p[1] for p in plan])

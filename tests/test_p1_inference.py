@@ -34,7 +34,7 @@ def tiny_checkpoint(toy_world, tmp_path_factory):
 
 def test_inference_writes_the_grader_layout_and_figures(tiny_checkpoint, tmp_path):
     out, figures = tmp_path / "out", tmp_path / "figures"
-    result = run("p1_inference.py", str(out), "--ckpt", str(tiny_checkpoint), "--steps", "2", "--guidance", "1",
+    result = run("p1_inference.py", str(out), "--ckpt", str(tiny_checkpoint), "--steps", "2", "--guidance", "0",
                  "--batch-size", "500", "--figures", str(figures))
     assert result.returncode == 0, result.stderr[-2000:]
     expected = sorted(f"{digit}_{i:03d}.png" for digit in range(10) for i in range(1, 51))
@@ -49,7 +49,7 @@ def test_inference_writes_the_grader_layout_and_figures(tiny_checkpoint, tmp_pat
         assert grid.size == (10 * 30 + 2, 10 * 30 + 2)  # 10x10 tiles of 28 px, 2 px padding
     # same seed -> same images (deterministic DDIM, same device)
     again = run("p1_inference.py", str(tmp_path / "again"), "--ckpt", str(tiny_checkpoint), "--steps", "2",
-                "--guidance", "1", "--batch-size", "500")
+                "--guidance", "0", "--batch-size", "500")
     assert again.returncode == 0, again.stderr[-2000:]
     for file_name in ("0_001.png", "9_050.png"):
         assert (out / "svhn" / file_name).read_bytes() == (tmp_path / "again" / "svhn" / file_name).read_bytes()
@@ -84,26 +84,34 @@ def test_out_dir_with_foreign_files_is_refused_not_cleaned(tmp_path):
     assert (tmp_path / "mnistm" / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("case", ["unwritable", "foreign_checkpoint", "missing_checkpoint", "bad_steps"])
-def test_bad_input_is_one_line(tiny_checkpoint, tmp_path, case):
-    out, ckpt, extra = tmp_path / "out", str(tiny_checkpoint), []
-    if case == "unwritable":
-        (tmp_path / "file").write_text("x")
-        out = tmp_path / "file" / "out"  # a folder below a file cannot be created, even by root
-    elif case == "foreign_checkpoint":
+def test_unwritable_out_dir_is_one_line(tiny_checkpoint, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "out"  # a folder below a file cannot be created, even by root
+    result = run("p1_inference.py", str(out), "--ckpt", str(tiny_checkpoint))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert str(out) in lines[0]
+
+
+@pytest.mark.parametrize("case", ["foreign_checkpoint", "evaluator_checkpoint", "missing_checkpoint", "bad_steps"])
+def test_bad_input_is_refused_before_writing(tiny_checkpoint, tmp_path, case):
+    ckpt, extra = str(tiny_checkpoint), []
+    if case == "foreign_checkpoint":
         state = p1_train.load_checkpoint(tiny_checkpoint)
         state["config"]["widths"] = [16, 32]  # another config: the weights do not fit it
         ckpt = str(tmp_path / "other.safetensors")
         save_checkpoint(ckpt, state)
+    elif case == "evaluator_checkpoint":
+        ckpt = str(tmp_path / "evaluator.safetensors")
+        save_checkpoint(ckpt, {"config": {"widths": [16, 32], "hidden": 128}, "model": {}})
     elif case == "missing_checkpoint":
         ckpt = str(tmp_path / "nope.safetensors")
     else:
         extra = ["--steps", "0"]
-    result = run("p1_inference.py", str(out), "--ckpt", ckpt, *extra)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert {"unwritable": str(out), "foreign_checkpoint": "other.safetensors", "missing_checkpoint": "nope",
-            "bad_steps": "--steps"}[case] in lines[0]
+    expected = {"foreign_checkpoint": "other.safetensors", "evaluator_checkpoint": "evaluator.safetensors",
+                "missing_checkpoint": "nope.safetensors", "bad_steps": "--steps"}[case]
+    with pytest.raises(Hw2Error, match=expected):
+        p1_inference.main([str(tmp_path / "out"), "--ckpt", ckpt, *extra])
     assert not (tmp_path / "out").exists()
 
 
@@ -113,14 +121,13 @@ def test_bad_input_is_one_line(tiny_checkpoint, tmp_path, case):
 def write_fake_outputs(toy_world, out, per_digit=3):
     """Real toy val digits under the grader's names: a stand-in for generated images with known labels."""
     for name in ("mnistm", "svhn"):
-        rows = p1_train.read_labels(toy_world / "digits" / name / "val.csv")
+        (out / name).mkdir(parents=True)
         counts = {}
-        for file_name, digit in rows:
+        for file_name, digit in p1_train.read_labels(toy_world / "digits" / name / "val.csv"):
             if counts.get(digit, 0) < per_digit:
                 counts[digit] = counts.get(digit, 0) + 1
                 with Image.open(toy_world / "digits" / name / "data" / file_name) as image:
-                    image.save(out / name / p1_inference.image_name(digit, counts[digit])) if (
-                        out / name).mkdir(parents=True, exist_ok=True) is None else None
+                    image.save(out / name / p1_inference.image_name(digit, counts[digit]))
 
 
 def test_eval_train_and_score_smoke(toy_world, tmp_path):

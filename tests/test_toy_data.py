@@ -23,7 +23,7 @@ DIGIT_SETS = ["mnistm", "svhn"]
 SOURCE_COUNT = 1797  # scikit-learn's load_digits
 TRAIN_COUNT = int(SOURCE_COUNT * toy_data.DIGIT_TRAIN_FRACTION) * toy_data.DIGIT_RENDERINGS
 VAL_COUNT = SOURCE_COUNT * toy_data.DIGIT_RENDERINGS - TRAIN_COUNT
-LEARN_EPOCHS, LEARN_WIDTH = 20, 16  # the full learnability check (slow)
+LEARN_EPOCHS, LEARN_WIDTH = 24, 24  # the full learnability check (slow)
 QUICK_EPOCHS, QUICK_ACCURACY = 5, 0.85  # its fast default variant
 
 

@@ -61,7 +61,7 @@ class TrainSettings:
 # Full: one modern GPU; the real sets (~135k images) for 60 epochs.
 TRAIN_PRESETS = {
     "toy": dict(epochs=36, batch_size=64, lr=2e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995,
-                grad_clip=1.0, grid_every=6, guidance=8.0),
+                grad_clip=1.0, grid_every=6, guidance=5.0),
     "full": dict(epochs=60, batch_size=128, lr=4e-4, warmup_steps=1000, weight_decay=0.0, ema_decay=0.9995,
                  grad_clip=1.0, grid_every=1, guidance=2.0),
 }

@@ -9,6 +9,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -20,3 +21,13 @@ from toy_data import build_toy_world  # noqa: E402
 def toy_world(tmp_path_factory):
     """One toy `hw2_data` tree (seed 0) for the whole session; tests must not modify it."""
     return build_toy_world(tmp_path_factory.mktemp("toy") / "hw2_data", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one thread: their ops are too small to split, and on a busy 2-core
+    machine two spinning OpenMP threads made them up to 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

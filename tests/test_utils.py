@@ -161,6 +161,13 @@ def test_atomic_path_unwritable_folder(tmp_path):
             pass
 
 
+def test_atomic_path_gives_a_new_file_the_usual_permissions(tmp_path):
+    """The grader and other users must be able to read our outputs, as with a file made by open()."""
+    utils.atomic_write_text(tmp_path / "atomic.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
 def test_atomic_write_bytes_and_text(tmp_path):
     utils.atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
     utils.atomic_write_text(tmp_path / "t.txt", "héllo")

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 from p1_model import DATASETS, NUM_DIGITS
 from p1_train import DEFAULT_OUT, load_model_checkpoint
-from utils import Hw2Error, atomic_path, autocast, get_device, run_cli, save_grid, save_png, to_uint8
+from utils import (Hw2Error, atomic_path, autocast, get_device, labelled_grid, run_cli, save_grid, save_pil, save_png,
+                   to_uint8)
 
 PER_DIGIT = 50
 SNAPSHOTS = 6  # reverse-process figure: x_T, four intermediate x_t, x_0
@@ -114,17 +115,10 @@ def generate(diffusion, args, device, per_digit=PER_DIGIT, keep_rows=()):
 
 
 def reverse_process_figure(snapshots, path):
-    """One row of labelled snapshots (t = T ... 0), each upscaled FIGURE_SCALE x with nearest neighbours."""
-    size, label_h = 28 * FIGURE_SCALE, 18
-    figure = Image.new("RGB", (len(snapshots) * (size + 4) + 4, size + label_h + 8), "white")
-    draw = ImageDraw.Draw(figure)
-    for k, (t, x) in enumerate(snapshots):
-        tile = Image.fromarray(to_uint8(x)).resize((size, size), Image.NEAREST)
-        left = 4 + k * (size + 4)
-        figure.paste(tile, (left, 4))
-        draw.text((left + size // 2 - 20, size + 8), f"t = {t}", fill="black")
-    with atomic_path(path) as tmp:
-        figure.save(tmp, format="PNG")
+    """One row of snapshots (t = T ... 0), each upscaled FIGURE_SCALE x with nearest neighbours, labelled with t."""
+    size = 28 * FIGURE_SCALE
+    tiles = [np.asarray(Image.fromarray(to_uint8(x)).resize((size, size), Image.NEAREST)) for _, x in snapshots]
+    save_pil(labelled_grid([tiles], [""], [f"t = {t}" for t, _ in snapshots]), path)
 
 
 def write_figures(images, snapshots, figures_dir):

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from p2_unet import load_face_unet
-from utils import (Hw2Error, announce_toy_world, atomic_path, get_device, load_rgb, load_torch_file, run_cli,
-                   save_png, to_uint8)
+from utils import (Hw2Error, announce_toy_world, get_device, labelled_grid, load_rgb, load_torch_file,
+                   run_cli, save_pil, save_png, to_uint8)
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 2e-2  # the course's linear beta schedule
@@ -196,33 +195,6 @@ def mse_255(image, reference):
     return float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
 
 
-def labelled_grid(tiles, row_labels, col_labels, pad=4):
-    """One RGB image of uint8 HxWx3 `tiles` (a list of rows), with row labels on the left and column labels on top."""
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = max(probe.textbbox((0, 0), label, font=font)[2] for label in [*row_labels, *col_labels])
-    text_height = max(probe.textbbox((0, 0), label, font=font)[3] for label in [*row_labels, *col_labels])
-    tile_h, tile_w = tiles[0][0].shape[:2]
-    left, top = text_width + 2 * pad, text_height + 2 * pad
-    canvas = Image.new("RGB", (left + len(col_labels) * (tile_w + pad), top + len(row_labels) * (tile_h + pad)),
-                       "white")
-    draw = ImageDraw.Draw(canvas)
-    for col, label in enumerate(col_labels):
-        draw.text((left + col * (tile_w + pad), pad), label, fill="black", font=font)
-    for row, (label, row_tiles) in enumerate(zip(row_labels, tiles)):
-        y = top + row * (tile_h + pad)
-        draw.text((pad, y + tile_h // 2 - text_height // 2), label, fill="black", font=font)
-        for col, tile in enumerate(row_tiles):
-            canvas.paste(Image.fromarray(tile), (left + col * (tile_w + pad), y))
-    return canvas
-
-
-def save_image_atomic(image, path):
-    """Atomically write a PIL image as PNG."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
 # ------------------------------------------------------------------------------------- input checking
 
 
@@ -347,7 +319,7 @@ def main(argv=None):
             print(f"{name}.png  MSE {error:.4f}")
         print(f"mean MSE over {len(errors)} images (0-255 scale): {np.mean(errors):.4f}")
     if figures_dir is not None:
-        save_image_atomic(eta_grid(model, noises, args, device), figures_dir / "eta_grid.png")
+        save_pil(eta_grid(model, noises, args, device), figures_dir / "eta_grid.png")
         print(f"Wrote {figures_dir / 'eta_grid.png'}.")
 
 

@@ -32,8 +32,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils import (Hw2Error, announce_toy_world, atomic_path, atomic_write_text, autocast, find_toy_root, get_device,
-                   load_rgb, run_cli, seed_everything)
+from utils import (Hw2Error, announce_toy_world, atomic_write_text, autocast, find_toy_root, get_device,
+                   load_rgb, run_cli, save_pil, seed_everything)
 
 TINY_CLIP_DIR = Path("toy_models") / "open_clip"  # a toy world's tiny CLIP (toy_data.build_tiny_clip): config JSON
 TINY_CLIP_NAME = "toy-tiny-clip"  # and .safetensors weights, both named after the model
@@ -367,11 +367,6 @@ def cases_figure(paths, labels, predictions, confidences, names, successes, fail
     return draw_cases(rows, count)
 
 
-def save_figure(figure, path):
-    with atomic_path(path) as tmp:
-        figure.save(tmp, format="PNG")
-
-
 def print_results(correct, top5_correct, k, rows):
     """The report's accuracy line, the top-k accuracy and the per-class table (rows from `per_class_rows`)."""
     total = len(correct)
@@ -428,7 +423,7 @@ def main(argv=None):
     atomic_write_text(out / "predictions.csv", predictions_csv(paths, labels, top_probs, top_classes, names))
     successes, failures = choose_cases(correct, args.cases, args.seed)
     figure = cases_figure(paths, labels, predictions, confidences, names, successes, failures, args.cases)
-    save_figure(figure, out / "cases.png")
+    save_pil(figure, out / "cases.png")
     metrics = {
         "accuracy": int(correct.sum()) / len(correct), "correct": int(correct.sum()), "total": len(correct),
         "top5_accuracy": int(top5_correct.sum()) / len(correct),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torchvision.utils import make_grid
@@ -215,12 +215,16 @@ def to_uint8(x):
     return x.movedim(-3, -1).numpy()
 
 
+def save_pil(image, path):
+    """Atomically write a PIL image as PNG."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
 def save_png(x, path):
     """Atomically write a CxHxW tensor in [-1, 1] as an RGB (or grey, for C = 1) PNG."""
     array = to_uint8(x)
-    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    save_pil(Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array), path)
 
 
 def save_grid(images, path, nrow, padding=2, pad_value=1.0):
@@ -228,6 +232,28 @@ def save_grid(images, path, nrow, padding=2, pad_value=1.0):
     grid = make_grid((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=padding,
                      pad_value=pad_value)
     save_png(grid * 2 - 1, path)
+
+
+def labelled_grid(tiles, row_labels, col_labels, pad=4):
+    """One RGB PIL image of uint8 HxWx3 `tiles` (a list of rows), row labels on the left, column labels on top."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # the margins depend only on their own labels, so the figure's size does not change with the column text
+    text_width = max(probe.textbbox((0, 0), label, font=font)[2] for label in row_labels)
+    text_height = max(probe.textbbox((0, 0), label, font=font)[3] for label in [*row_labels, *col_labels])
+    tile_h, tile_w = tiles[0][0].shape[:2]
+    left, top = text_width + 2 * pad if text_width else pad, text_height + 2 * pad
+    canvas = Image.new("RGB", (left + len(col_labels) * (tile_w + pad), top + len(row_labels) * (tile_h + pad)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, label in enumerate(col_labels):
+        draw.text((left + col * (tile_w + pad), pad), label, fill="black", font=font)
+    for row, (label, row_tiles) in enumerate(zip(row_labels, tiles)):
+        y = top + row * (tile_h + pad)
+        draw.text((pad, y + tile_h // 2 - text_height // 2), label, fill="black", font=font)
+        for col, tile in enumerate(row_tiles):
+            canvas.paste(Image.fromarray(tile), (left + col * (tile_w + pad), y))
+    return canvas
 
 
 def load_rgb(path):

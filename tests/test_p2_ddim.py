@@ -12,7 +12,7 @@ from torchvision.utils import save_image
 
 import p2_ddim
 from p2_ddim import (DIFFUSERS_DDIM_CONFIG, ddim_sample, ddim_sample_progressive, ddim_sigma, ddim_step,
-                     ddim_timesteps, image_generators, labelled_grid, linear_alpha_bar, load_noise, mse_255,
+                     ddim_timesteps, image_generators, linear_alpha_bar, load_noise, mse_255,
                      noise_paths, to_display)
 from p2_unet import load_face_unet
 from utils import Hw2Error, to_uint8
@@ -163,12 +163,6 @@ def test_mse_is_on_the_255_scale_without_wraparound():
     black, white = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 255, np.uint8)
     assert mse_255(black, white) == 255.0**2
     assert mse_255(white, black) == 255.0**2
-
-
-def test_labelled_grid_has_a_margin_for_the_labels():
-    tiles = [[np.zeros((8, 8, 3), np.uint8)] * 4 for _ in range(5)]
-    grid = labelled_grid(tiles, [f"eta = {e}" for e in (0, 0.25, 0.5, 0.75, 1.0)], [f"{i:02d}.pt" for i in range(4)])
-    assert grid.width > 4 * 8 + 20 and grid.height > 5 * 8 + 8
 
 
 # ---------------------------------------------------------------------------------------------- inputs

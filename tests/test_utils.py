@@ -403,3 +403,10 @@ def test_find_toy_root_and_announce(tmp_path, capsys):
     assert out.count("\n") == 1 and "Toy world" in out and str(root.resolve()) in out
     assert not utils.announce_toy_world(tmp_path / "real")
     assert capsys.readouterr().out == ""
+
+
+def test_labelled_grid_has_a_margin_for_the_labels():
+    tiles = [[np.zeros((8, 8, 3), np.uint8)] * 4 for _ in range(5)]
+    rows, cols = [f"eta = {e}" for e in (0, 0.25, 0.5, 0.75, 1.0)], [f"{i:02d}.pt" for i in range(4)]
+    grid = utils.labelled_grid(tiles, rows, cols)
+    assert grid.width > 4 * 8 + 20 and grid.height > 5 * 8 + 8

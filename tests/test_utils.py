@@ -1,8 +1,10 @@
 """Every helper of utils.py, with its error paths. References are independent: torchvision's save_image and
-make_grid for the image helpers, torch's own state_dict loading for checkpoints, plain pickle for the exploit."""
+make_grid for the image helpers, torch's own state_dict loading for checkpoints, pickletools to show the exploit is real."""
 
 import os
+import pickletools
 import random
+import zipfile
 
 import numpy as np
 import pytest
@@ -298,9 +300,11 @@ def test_load_torch_file_never_runs_pickled_code(tmp_path):
     with pytest.raises(Hw2Error, match="evil.pt: .*pickled objects other than tensors"):
         utils.load_torch_file(tmp_path / "evil.pt")
     assert not marker.exists()
-    # the file really is hostile: an unsafe load runs the payload
-    torch.load(tmp_path / "evil.pt", weights_only=False)
-    assert marker.exists()
+    # the file really is hostile: its pickle calls open() on the marker path (read, never run, here)
+    with zipfile.ZipFile(tmp_path / "evil.pt") as archive:
+        pickled = archive.read(next(name for name in archive.namelist() if name.endswith("data.pkl")))
+    opcodes = [(op.name, arg) for op, arg, _ in pickletools.genops(pickled)]
+    assert ("GLOBAL", "io open") in opcodes and ("BINUNICODE", str(marker)) in opcodes, opcodes
 
 
 # --------------------------------------------------------------------------------------------- images

@@ -80,8 +80,9 @@ class P1Config:
 
 PRESETS = {
     # 2 CPU cores: pack 2x2 pixels into channels, two narrow levels (14x14, 7x7), one residual block per level
-    # down and two up, attention at 7x7: 0.73 M parameters, 0.09 GFLOP per image (forward). Cosine schedule + v-prediction + min-SNR-5 learned ~2x faster
-    # than the course's linear/eps schedule in the same 12 minutes (README, P1).
+    # down and two up, attention at 7x7: 0.73 M parameters, 0.09 GFLOP per image (forward). Cosine schedule +
+    # v-prediction + min-SNR-5 learned ~2x faster than the course's linear/eps schedule in the same 12 minutes
+    # (README, P1).
     "toy": P1Config(unshuffle=2, widths=(32, 64), blocks_per_level=1, embed_dim=128, schedule="cosine",
                     prediction="v", min_snr_gamma=5.0),
     # GPU: full resolution 28 -> 14 -> 7, widths 64/128/256, two residual blocks per level, attention at 7x7.

@@ -1,5 +1,6 @@
 """Every helper of utils.py, with its error paths. References are independent: torchvision's save_image and
-make_grid for the image helpers, torch's own state_dict loading for checkpoints, pickletools to show the exploit is real."""
+make_grid for the image helpers, torch's own state_dict loading for checkpoints, and pickletools to show that
+the exploit file is real."""
 
 import os
 import pickletools

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from p1_model import DATASETS, NUM_DIGITS
 from p1_train import DEFAULT_OUT, load_model_checkpoint
-from utils import (Hw2Error, atomic_path, autocast, get_device, labelled_grid, run_cli, save_grid, save_pil, save_png,
+from utils import (Hw2Error, autocast, ensure_writable_dir, get_device, labelled_grid, run_cli, save_grid, save_pil, save_png,
                    to_uint8)
 
 PER_DIGIT = 50
@@ -66,21 +66,7 @@ def check_out_dir(out_dir):
             if others:
                 raise Hw2Error(f"{folder} holds files this script does not write ({', '.join(others[:3])}...); the "
                                f"grader reads every file there: empty it or choose another OUT_DIR")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(folder / ".write_test") as tmp:
-                Path(tmp).write_bytes(b"")
-            (folder / ".write_test").unlink()
-        except (OSError, Hw2Error) as err:
-            reason = err.strerror if isinstance(err, OSError) else str(err)
-            raise Hw2Error(f"cannot write to OUT_DIR {out_dir}: {reason}") from err
-
-
-def check_out_dir_figures(figures_dir):
-    try:
-        Path(figures_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise Hw2Error(f"cannot create --figures folder {figures_dir}: {err.strerror}") from err
+        ensure_writable_dir(folder, "OUT_DIR folder")
 
 
 @torch.no_grad()
@@ -147,7 +133,7 @@ def main(argv=None):
         args.guidance = state.get("train", {}).get("guidance", 0.0)
     check_out_dir(args.out_dir)
     if args.figures:
-        check_out_dir_figures(args.figures)
+        ensure_writable_dir(args.figures, "--figures folder")
     device = get_device(args.device)
     diffusion = diffusion.to(device).eval()
     steps = "" if args.sampler == "ddpm" else f" {args.steps} steps, eta {args.eta},"

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import math
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from p2_unet import load_face_unet
-from utils import (Hw2Error, announce_toy_world, get_device, labelled_grid, load_rgb, load_torch_file,
+from utils import (Hw2Error, announce_toy_world, ensure_writable_dir, get_device, labelled_grid, load_rgb, load_torch_file,
                    run_cli, save_pil, save_png, to_uint8)
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -255,17 +254,6 @@ def load_ground_truth(gt_dir, names, size):
                            f"{size[1]}x{size[0]}: pass the GT folder that belongs to this noise folder")
         images.append(image)
     return images
-
-
-def ensure_writable_dir(folder, what):
-    """Create `folder` if needed and check that files can be written in it (before any work is done)."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as err:
-        raise Hw2Error(f"cannot write to {what} {folder}: {err.strerror or err}; pass a writable folder") from err
-    return folder
 
 
 def check_sampling_flags(steps, batch_size, eta=0.0):

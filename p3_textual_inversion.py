@@ -22,10 +22,7 @@ subcommand defaults to the tiny random models under `hw2_data/toy_models/`.
 
 import argparse
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +37,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 from transformers import CLIPModel, CLIPProcessor
 
-from utils import (Hw2Error, announce_toy_world, atomic_write_bytes, atomic_write_text, find_toy_root,
+from utils import (Hw2Error, announce_toy_world, atomic_dir, atomic_write_bytes, atomic_write_text, find_toy_root,
                    get_device, load_checkpoint, load_rgb, run_cli, save_checkpoint, save_grid, save_png,
                    seed_everything)
 
@@ -588,9 +585,9 @@ def run_generate(args):
     start = time.perf_counter()
     progress = tqdm(total=len(jobs) * args.num_images, desc="generate", unit="img")
     for folder, stem, prompt, index in jobs:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial."))
-        try:  # the prompt's images go to a temp folder that replaces `folder` only once all are written
+        # the prompt's images go to a temp folder that replaces `folder` (our own earlier images only, see
+        # check_destination) once all are written
+        with atomic_dir(folder) as tmp:
             for first in range(0, args.num_images, args.batch_size):
                 batch = range(first, min(first + args.batch_size, args.num_images))
                 images = sample_images(pipe, prompt, [image_seed(args.seed, *index, i) for i in batch], args.steps,
@@ -600,12 +597,6 @@ def run_generate(args):
                 progress.update(len(batch))
             if args.prompt:  # a free prompt's folder records its prompt; the grader's folders hold images only
                 atomic_write_text(tmp / "prompt.txt", prompt + "\n")
-            if folder.exists():
-                shutil.rmtree(folder)  # our own earlier images only (check_destination)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     progress.close()
     seconds = time.perf_counter() - start
     count = len(jobs) * args.num_images

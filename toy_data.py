@@ -10,8 +10,6 @@ A `TOY` marker file at the root tells every script that it runs on a toy world.
 import argparse
 import gzip
 import json
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcess
 from p2_ddim import DIFFUSERS_DDIM_CONFIG
 from p2_unet import FaceUNet
 from p3_clip_zeroshot import TINY_CLIP_DIR, TINY_CLIP_NAME
-from utils import TOY_MARKER, Hw2Error, run_cli
+from utils import TOY_MARKER, Hw2Error, atomic_dir, run_cli
 
 # ------------------------------------------------------------------------------------- sample photos
 
@@ -451,18 +449,10 @@ def build_toy_world(out, seed=0):
     if out.exists() and not (out / TOY_MARKER).is_file():
         raise Hw2Error(f"{out} exists and is not a toy world (no {TOY_MARKER} marker): refusing to overwrite it; "
                        f"move it away or pass another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.toy."))
-    try:
+    with atomic_dir(out) as tmp:
         for build in BUILDERS:
             build(tmp, seed)
         (tmp / TOY_MARKER).write_text(json.dumps({"seed": seed, "built_by": "toy_data.py"}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -171,6 +171,28 @@ def test_atomic_path_gives_a_new_file_the_usual_permissions(tmp_path):
     assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
 
 
+def test_atomic_dir_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with utils.atomic_dir(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert files_in(target) == ["old.txt"] and files_in(tmp_path) == ["out"]
+    with utils.atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert files_in(target) == ["old.txt"]  # nothing visible until the block succeeds
+    assert files_in(target) == ["new.txt"] and files_in(tmp_path) == ["out"]
+
+
+def test_ensure_writable_dir(tmp_path):
+    assert utils.ensure_writable_dir(tmp_path / "a" / "b", "OUT_DIR").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(Hw2Error, match="cannot write to OUT_DIR .*file"):
+        utils.ensure_writable_dir(tmp_path / "file" / "sub", "OUT_DIR")
+
+
 def test_atomic_write_bytes_and_text(tmp_path):
     utils.atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
     utils.atomic_write_text(tmp_path / "t.txt", "héllo")

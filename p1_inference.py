@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from p1_model import DATASETS, NUM_DIGITS
 from p1_train import DEFAULT_OUT, load_model_checkpoint
-from utils import (Hw2Error, autocast, ensure_writable_dir, get_device, labelled_grid, run_cli, save_grid, save_pil, save_png,
-                   to_uint8)
+from utils import (Hw2Error, autocast, ensure_writable_dir, get_device, labelled_grid, run_cli, save_grid, save_pil,
+                   save_png, to_uint8)
 
 PER_DIGIT = 50
 SNAPSHOTS = 6  # reverse-process figure: x_T, four intermediate x_t, x_0
@@ -163,8 +163,9 @@ def build_parser():
     parser.add_argument("--eta", type=float, default=0.0,
                         help="DDIM eta: 0 = deterministic, 1 = DDPM's posterior noise (ignored by ddpm).")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="Classifier-free guidance weight w in (1 + w) eps(x, c) - w eps(x, null); 0 = plain "
-                             "conditional model; default: the value saved with the checkpoint's training preset.")
+                        help="Classifier-free guidance weight w in (1 + w) eps(x, digit, dataset) - w eps(x, null, "
+                             "dataset); 0 = plain conditional model; default: the value saved with the checkpoint's "
+                             "training preset.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the noise x_T (and of the DDPM/eta noise).")
     parser.add_argument("--batch-size", type=int, default=250, help="Images sampled at once.")
     parser.add_argument("--figures", type=str, default=None,

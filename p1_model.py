@@ -12,9 +12,9 @@ Notation (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"):
 Timesteps are array indices 0..T-1 into the schedule, as in diffusers: index t holds the noise level of the
 paper's x_{t+1}. The samplers yield (paper t, x_t) pairs, from (T, x_T) down to (0, x_0), for figures.
 
-Classifier-free guidance (Ho & Salimans 2022) uses a learned null id for each label; the guided output is
-(1 + w) * f(x, c) - w * f(x, null), so w = 0 is the plain conditional model. Guidance is linear in the output,
-so applying it to v is the same as applying it to eps.
+Classifier-free guidance (Ho & Salimans 2022) uses a learned null id for each label (each is dropped independently
+in training); the guided output is (1 + w) * f(x, digit, dataset) - w * f(x, null digit, dataset), so w = 0 is the
+plain conditional model. Guidance is linear in the output, so applying it to v is the same as applying it to eps.
 """
 
 import math
@@ -209,13 +209,19 @@ def ddim_step(output, x_t, t, t_prev, alpha_bar, eta, noise, prediction, clip=Tr
 
 
 def guided_output(model, x_t, t, digit, dataset, w):
-    """Classifier-free guidance in ONE batched forward: (1 + w) f(x, digit, dataset) - w f(x, null, null)."""
+    """Classifier-free guidance in ONE batched forward: (1 + w) f(x, digit, dataset) - w f(x, null, dataset).
+
+    The reference branch drops the digit only: guidance then amplifies what tells the digits apart within the
+    requested dataset, not the dataset's style as well. Nulling both labels exaggerated MNIST-M's background
+    textures: on five toy-world checkpoints (DDIM-25, w = 5, 200-300 images per set) keeping the dataset raised
+    MNIST-M accuracy by 9, 9 and 3 points on the three weaker ones (e.g. 0.725 -> 0.810), was within noise on the
+    two stronger ones, and left SVHN unchanged within noise.
+    """
     if w == 0:
         return model(x_t, t, digit, dataset)
     batch = x_t.shape[0]
-    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                torch.cat([digit, torch.full_like(digit, NULL_DIGIT)]),
-                torch.cat([dataset, torch.full_like(dataset, NULL_DATASET)]))
+    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([digit, torch.full_like(digit, NULL_DIGIT)]),
+                torch.cat([dataset, dataset]))
     out_c, out_u = out[:batch], out[batch:]
     return (1 + w) * out_c - w * out_u
 

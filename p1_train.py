@@ -57,10 +57,12 @@ class TrainSettings:
     seed: int
 
 
-# Toy: 2 CPU cores, ~300 images/s on an idle machine: 36 epochs of 5,748 images = 3,240 steps ~ 12 minutes.
+# Toy: 2 CPU cores with native bf16, ~600 images/s at batch 128: 80 epochs of 5,748 images = 3,520 steps in ~13
+# minutes. Seen images mattered more than steps: in runs of equal wall time, 80 epochs at batch 128 scored 0.970
+# on MNIST-M against 0.943 for 64 epochs at batch 64 (and 0.91 for 54, 0.73 for 36; README, P1).
 # Full: one modern GPU; the real sets (~135k images) for 60 epochs.
 TRAIN_PRESETS = {
-    "toy": dict(epochs=36, batch_size=64, lr=2e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995,
+    "toy": dict(epochs=80, batch_size=128, lr=2e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995,
                 grad_clip=1.0, grid_every=6, guidance=5.0),
     "full": dict(epochs=60, batch_size=128, lr=4e-4, warmup_steps=1000, weight_decay=0.0, ema_decay=0.9995,
                  grad_clip=1.0, grid_every=1, guidance=2.0),
@@ -249,7 +251,8 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
         for i in bar:
             idx = order[i * settings.batch_size:(i + 1) * settings.batch_size]
             x0 = to_model_range(images[idx]).to(device, non_blocking=True)
-            with autocast(device):
+            # bf16 autocast on CUDA, and on CPUs with native bf16 (toy preset: 1.3-1.6x the fp32 images/s)
+            with autocast(device, cpu_bf16=True):
                 loss = diffusion_loss(net, x0, digits[idx].to(device), dataset_ids[idx].to(device), config,
                                       diffusion.alpha_bar, noise_gen)
             scaler.scale(loss).backward()

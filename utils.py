@@ -61,19 +61,28 @@ def get_device(name=None):
     return device
 
 
-def amp_dtype(device):
-    """The autocast dtype for `device`: bf16 on CUDA when supported, else fp16; None (no autocast) elsewhere."""
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def autocast(device, enabled=True):
-    """Mixed-precision context for `device` (see `amp_dtype`); a no-op on CPU/MPS or when disabled."""
-    dtype = amp_dtype(device)
+def amp_dtype(device, cpu_bf16=False):
+    """The autocast dtype for `device`: bf16 on CUDA when supported, else fp16; on a CPU with native bf16 and
+    `cpu_bf16`, bf16; None (no autocast) elsewhere."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind == "cpu" and cpu_bf16 and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, enabled=True, cpu_bf16=False):
+    """Mixed-precision context for `device` (see `amp_dtype`); a no-op where that is None or when disabled."""
+    dtype = amp_dtype(device, cpu_bf16)
     if not enabled or dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def make_grad_scaler(device, enabled=True):

@@ -21,11 +21,12 @@ from p1_eval import EVALUATOR_NAME, accuracy, load_evaluator, predict  # noqa: E
 from p1_inference import find_latest_checkpoint, generate, sample_plan  # noqa: E402
 from p1_model import DATASETS, Diffusion, diffusion_loss, final  # noqa: E402
 from p1_train import DEFAULT_DATA, DEFAULT_OUT, load_model_checkpoint, load_split, to_model_range  # noqa: E402
-from utils import Hw2Error, atomic_write_text, get_device, run_cli, to_uint8  # noqa: E402
+from utils import Hw2Error, amp_dtype, atomic_write_text, autocast, get_device, run_cli, to_uint8  # noqa: E402
 
 
-def training_rate(config, images, digits, dataset_ids, batch_size, steps, device):
-    """Images per second of optimizer steps (forward, backward, AdamW) on a fresh model, after one warm-up step."""
+def training_rate(config, images, digits, dataset_ids, batch_size, steps, device, mixed):
+    """Images per second of optimizer steps (forward, backward, AdamW) on a fresh model, after one warm-up step;
+    `mixed` runs the loss under p1_train.py's autocast (bf16 on CUDA and on CPUs with native bf16)."""
     diffusion = Diffusion(config).to(device).train()
     optimizer = torch.optim.AdamW(diffusion.parameters(), lr=1e-4)
     start = None
@@ -33,8 +34,9 @@ def training_rate(config, images, digits, dataset_ids, batch_size, steps, device
         if step == 1:
             start = time.perf_counter()
         idx = torch.randint(0, len(images), (batch_size,))
-        loss = diffusion_loss(diffusion.net, to_model_range(images[idx]).to(device), digits[idx].to(device),
-                              dataset_ids[idx].to(device), config, diffusion.alpha_bar)
+        with autocast(device, enabled=mixed, cpu_bf16=True):
+            loss = diffusion_loss(diffusion.net, to_model_range(images[idx]).to(device), digits[idx].to(device),
+                                  dataset_ids[idx].to(device), config, diffusion.alpha_bar)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -98,8 +100,18 @@ def main(argv=None):
              f"device {device}, {torch.get_num_threads()} torch threads.", ""]
 
     images, digits, dataset_ids = load_split(args.data, "train", limit=args.train_images)
-    rate = training_rate(config, images, digits, dataset_ids, args.batch_size, args.train_steps, device)
-    lines += [f"- Training: {rate:.0f} images/s (batch {args.batch_size}, {args.train_steps} steps).", ""]
+    # alternate the two precisions so that a change in machine load hits both alike
+    rates = {False: [], True: []}
+    for _ in range(args.train_repeats):
+        for mixed in rates:
+            rates[mixed].append(training_rate(config, images, digits, dataset_ids, args.batch_size,
+                                              args.train_steps, device, mixed))
+    fp32, mixed = (sorted(rates[m])[len(rates[m]) // 2] for m in (False, True))
+    dtype = amp_dtype(device, cpu_bf16=True)
+    lines += [f"- Training (batch {args.batch_size}, {args.train_steps} steps, median of {args.train_repeats}): "
+              f"fp32 {fp32:.0f} images/s; as p1_train.py runs it "
+              f"({'autocast ' + str(dtype).replace('torch.', '') if dtype else 'fp32: no native bf16'}) "
+              f"{mixed:.0f} images/s = {mixed / fp32:.2f}x.", ""]
     print(lines[-2], flush=True)
 
     lines += ["| sampler | images/s | s per image | speed-up vs DDPM-1000 |", "|---|---|---|---|"]
@@ -140,9 +152,11 @@ def build_parser():
     parser.add_argument("--train-images", type=int, default=256, help="Training images per dataset to load.")
     parser.add_argument("--batch-size", type=int, default=64, help="Batch size of the training timing.")
     parser.add_argument("--train-steps", type=int, default=10, help="Timed optimizer steps.")
+    parser.add_argument("--train-repeats", type=int, default=3, help="Timings per precision (the median is shown).")
     parser.add_argument("--speed-images", type=int, default=8, help="Images per sampling-speed measurement.")
-    parser.add_argument("--guidance", type=float, default=4.0, help="Guidance weight of the speed measurements.")
-    parser.add_argument("--runs", type=str, default="ddim:25:0,ddim:25:1,ddim:25:2,ddim:25:4,ddim:50:4,ddpm:1000:4",
+    parser.add_argument("--guidance", type=float, default=5.0, help="Guidance weight of the speed measurements.")
+    parser.add_argument("--runs", type=str,
+                        default="ddim:25:0,ddim:25:1,ddim:25:2,ddim:25:4,ddim:25:5,ddim:50:5,ddpm:1000:5",
                         help="Accuracy runs as sampler:steps:guidance[:per_digit], comma-separated; empty to skip.")
     parser.add_argument("--per-digit", type=int, default=10, help="Images per digit and dataset per accuracy run.")
     parser.add_argument("--sample-batch", type=int, default=250, help="Batch size of the accuracy runs.")

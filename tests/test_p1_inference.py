@@ -184,3 +184,28 @@ def test_evaluator_scores_at_least_097_on_toy_val(toy_world, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     accs = [float(line.split("= ")[1].split()[0]) for line in result.stdout.splitlines() if "held-out" in line]
     assert len(accs) == 2 and min(accs) >= 0.97, result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+def test_benchmark_runs_end_to_end(toy_world, tiny_checkpoint, tmp_path, one_torch_thread):
+    """benchmarks/p1_bench.py on the tiny checkpoint: every section runs and the report lists what was asked."""
+    from dataclasses import asdict
+
+    from benchmarks import p1_bench
+
+    torch.manual_seed(0)
+    evaluator = tmp_path / "evaluator.safetensors"
+    save_checkpoint(evaluator, {"config": asdict(p1_eval.ClassifierConfig()),
+                                "model": p1_eval.DigitClassifier(p1_eval.ClassifierConfig()).state_dict()})
+    report = tmp_path / "bench.md"
+    text = p1_bench.main(["--ckpt", str(tiny_checkpoint), "--data", str(toy_world / "digits"), "--evaluator",
+                          str(evaluator), "--train-images", "8", "--batch-size", "4", "--train-steps", "1",
+                          "--train-repeats", "1", "--speed-images", "1", "--runs", "ddim:2:0:1,ddim:2:5:1",
+                          "--report", str(report), "--device", "cpu"])
+    assert report.read_text() == text
+    assert "fp32" in text and "images/s" in text
+    for row in ("| DDPM-1000 (guided, w = 5.0) |", "| DDIM-25 (guided, w = 5.0) |", "| DDIM-2 | 0 | 10 |",
+                "| DDIM-2 | 5 | 10 |"):
+        assert row in text

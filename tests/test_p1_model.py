@@ -197,7 +197,7 @@ def test_guidance_is_one_batched_forward(w):
     digit, dataset = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 0])
     out = pm.guided_output(model, x, torch.tensor([5, 5, 5]), digit, dataset, w)
     cond = (digit * 10 + dataset).float().reshape(-1, 1, 1, 1)
-    uncond = float(pm.NULL_DIGIT * 10 + pm.NULL_DATASET)
+    uncond = (pm.NULL_DIGIT * 10 + dataset).float().reshape(-1, 1, 1, 1)  # the reference keeps the dataset
     torch.testing.assert_close(out, ((1 + w) * cond - w * uncond).expand_as(x))
     assert model.calls == ([3] if w == 0 else [6])
 

@@ -74,6 +74,17 @@ def test_amp_dtype_on_cuda(monkeypatch, bf16, expected):
 def test_amp_dtype_none_off_cuda():
     assert utils.amp_dtype("cpu") is None
     assert utils.amp_dtype(torch.device("mps")) is None
+    assert utils.amp_dtype(torch.device("mps"), cpu_bf16=True) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native)
+    assert utils.amp_dtype("cpu", cpu_bf16=True) == (torch.bfloat16 if native else None)
+    a = torch.randn(4, 4)
+    with utils.autocast("cpu", cpu_bf16=True):
+        assert (a @ a).dtype == (torch.bfloat16 if native else torch.float32)
+    assert (a @ a).dtype == torch.float32
 
 
 @pytest.mark.parametrize("enabled", [True, False])

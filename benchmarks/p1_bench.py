@@ -100,15 +100,16 @@ def main(argv=None):
              f"device {device}, {torch.get_num_threads()} torch threads.", ""]
 
     images, digits, dataset_ids = load_split(args.data, "train", limit=args.train_images)
+    batch_size = args.batch_size or state.get("train", {}).get("batch_size", 64)
     # alternate the two precisions so that a change in machine load hits both alike
     rates = {False: [], True: []}
     for _ in range(args.train_repeats):
         for mixed in rates:
-            rates[mixed].append(training_rate(config, images, digits, dataset_ids, args.batch_size,
-                                              args.train_steps, device, mixed))
+            rates[mixed].append(training_rate(config, images, digits, dataset_ids, batch_size, args.train_steps,
+                                              device, mixed))
     fp32, mixed = (sorted(rates[m])[len(rates[m]) // 2] for m in (False, True))
     dtype = amp_dtype(device, cpu_bf16=True)
-    lines += [f"- Training (batch {args.batch_size}, {args.train_steps} steps, median of {args.train_repeats}): "
+    lines += [f"- Training (batch {batch_size}, {args.train_steps} steps, median of {args.train_repeats}): "
               f"fp32 {fp32:.0f} images/s; as p1_train.py runs it "
               f"({'autocast ' + str(dtype).replace('torch.', '') if dtype else 'fp32: no native bf16'}) "
               f"{mixed:.0f} images/s = {mixed / fp32:.2f}x.", ""]
@@ -150,7 +151,8 @@ def build_parser():
     parser.add_argument("--evaluator", type=str, default=str(Path(DEFAULT_OUT) / EVALUATOR_NAME),
                         help="Evaluator checkpoint from `p1_eval.py train`.")
     parser.add_argument("--train-images", type=int, default=256, help="Training images per dataset to load.")
-    parser.add_argument("--batch-size", type=int, default=64, help="Batch size of the training timing.")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="Batch size of the training timing; default: the checkpoint's training batch size.")
     parser.add_argument("--train-steps", type=int, default=10, help="Timed optimizer steps.")
     parser.add_argument("--train-repeats", type=int, default=3, help="Timings per precision (the median is shown).")
     parser.add_argument("--speed-images", type=int, default=8, help="Images per sampling-speed measurement.")

@@ -11,6 +11,8 @@ The whole training set is held in one uint8 tensor; batches are gathered from it
 Each epoch ends with an atomic checkpoint (model, EMA, optimizer, LR schedule, grad scaler, epoch/step, RNG
 states, config), so a kill loses at most the current epoch and `--resume` continues exactly: the data order
 and the diffusion noise of an epoch are functions of (seed, epoch, rank) only. Samples come from the EMA weights.
+The loss runs under bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing) and on CPUs with native bf16
+(AVX512-BF16 or AMX), fp32 elsewhere.
 """
 
 import argparse

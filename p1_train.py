@@ -60,8 +60,8 @@ class TrainSettings:
 
 
 # Toy: 2 CPU cores with native bf16, ~600 images/s at batch 128: 80 epochs of 5,748 images = 3,520 steps in ~13
-# minutes. Seen images mattered more than steps: in runs of equal wall time, 80 epochs at batch 128 scored 0.970
-# on MNIST-M against 0.943 for 64 epochs at batch 64 (and 0.91 for 54, 0.73 for 36; README, P1).
+# minutes. Images seen mattered more than steps: 80 epochs at batch 128 (3,520 steps) scored 0.970 on MNIST-M
+# against 0.943 for 64 epochs at batch 64 (5,696 steps), 0.91 for 54 and 0.81 for the old 36 (README, P1).
 # Full: one modern GPU; the real sets (~135k images) for 60 epochs.
 TRAIN_PRESETS = {
     "toy": dict(epochs=80, batch_size=128, lr=2e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995,
@@ -253,7 +253,7 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
         for i in bar:
             idx = order[i * settings.batch_size:(i + 1) * settings.batch_size]
             x0 = to_model_range(images[idx]).to(device, non_blocking=True)
-            # bf16 autocast on CUDA, and on CPUs with native bf16 (toy preset: 1.3-1.6x the fp32 images/s)
+            # bf16 autocast on CUDA, and on CPUs with native bf16 (toy preset: 1.5x the fp32 images/s)
             with autocast(device, cpu_bf16=True):
                 loss = diffusion_loss(net, x0, digits[idx].to(device), dataset_ids[idx].to(device), config,
                                       diffusion.alpha_bar, noise_gen)

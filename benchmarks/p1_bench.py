@@ -107,12 +107,12 @@ def main(argv=None):
         for mixed in rates:
             rates[mixed].append(training_rate(config, images, digits, dataset_ids, batch_size, args.train_steps,
                                               device, mixed))
-    fp32, mixed = (sorted(rates[m])[len(rates[m]) // 2] for m in (False, True))
+    fp32_rate, train_rate = (sorted(rates[m])[len(rates[m]) // 2] for m in (False, True))
     dtype = amp_dtype(device, cpu_bf16=True)
     lines += [f"- Training (batch {batch_size}, {args.train_steps} steps, median of {args.train_repeats}): "
-              f"fp32 {fp32:.0f} images/s; as p1_train.py runs it "
+              f"fp32 {fp32_rate:.0f} images/s; as p1_train.py runs it "
               f"({'autocast ' + str(dtype).replace('torch.', '') if dtype else 'fp32: no native bf16'}) "
-              f"{mixed:.0f} images/s = {mixed / fp32:.2f}x.", ""]
+              f"{train_rate:.0f} images/s = {train_rate / fp32_rate:.2f}x.", ""]
     print(lines[-2], flush=True)
 
     lines += ["| sampler | images/s | s per image | speed-up vs DDPM-1000 |", "|---|---|---|---|"]

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 import p1_eval
 import p1_inference
 import p1_train
+from benchmarks import p1_bench
 from utils import Hw2Error, save_checkpoint, save_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,10 +193,6 @@ def test_evaluator_scores_at_least_097_on_toy_val(toy_world, tmp_path):
 
 def test_benchmark_runs_end_to_end(toy_world, tiny_checkpoint, tmp_path, one_torch_thread):
     """benchmarks/p1_bench.py on the tiny checkpoint: every section runs and the report lists what was asked."""
-    from dataclasses import asdict
-
-    from benchmarks import p1_bench
-
     torch.manual_seed(0)
     evaluator = tmp_path / "evaluator.safetensors"
     save_checkpoint(evaluator, {"config": asdict(p1_eval.ClassifierConfig()),

@@ -42,8 +42,18 @@ import p2_interpolate
 import p3_clip_zeroshot
 import p3_textual_inversion
 from p1_model import DATASETS, NUM_DIGITS
-from utils import (TOY_MARKER, Hw2Error, announce_toy_world, atomic_write_text, find_toy_root, get_device,
-                   load_checkpoint, load_rgb, run_cli, save_grid)
+from utils import (
+    TOY_MARKER,
+    Hw2Error,
+    announce_toy_world,
+    atomic_write_text,
+    find_toy_root,
+    get_device,
+    load_checkpoint,
+    load_rgb,
+    run_cli,
+    save_grid,
+)
 
 HASH_LENGTH = 12  # hex digits of sha256 shown in the header
 HASH_CHUNK = 1 << 20

@@ -22,8 +22,17 @@ from tqdm import tqdm
 
 from p1_model import DATASETS, NUM_DIGITS
 from p1_train import DEFAULT_DATA, DEFAULT_OUT, load_split, to_model_range
-from utils import (Hw2Error, announce_toy_world, get_device, load_checkpoint, load_rgb, load_torch_file, run_cli,
-                   save_checkpoint, seed_everything)
+from utils import (
+    Hw2Error,
+    announce_toy_world,
+    get_device,
+    load_checkpoint,
+    load_rgb,
+    load_torch_file,
+    run_cli,
+    save_checkpoint,
+    seed_everything,
+)
 
 EVALUATOR_NAME = "evaluator.safetensors"
 DISPLAY = {"mnistm": "MNIST-M", "svhn": "SVHN"}

@@ -21,8 +21,18 @@ from tqdm import tqdm
 
 from p1_model import DATASETS, NUM_DIGITS
 from p1_train import DEFAULT_OUT, load_model_checkpoint
-from utils import (Hw2Error, autocast, ensure_writable_dir, get_device, labelled_grid, run_cli, save_grid, save_pil,
-                   save_png, to_uint8)
+from utils import (
+    Hw2Error,
+    autocast,
+    ensure_writable_dir,
+    get_device,
+    labelled_grid,
+    run_cli,
+    save_grid,
+    save_pil,
+    save_png,
+    to_uint8,
+)
 
 PER_DIGIT = 50
 SNAPSHOTS = 6  # reverse-process figure: x_T, four intermediate x_t, x_0

@@ -33,8 +33,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from p1_model import DATASETS, NUM_DIGITS, Diffusion, P1Config, diffusion_loss, final, preset
-from utils import (Hw2Error, announce_toy_world, autocast, find_toy_root, get_device, load_checkpoint, load_rgb,
-                   make_grad_scaler, run_cli, save_checkpoint, save_grid, seed_everything)
+from utils import (
+    Hw2Error,
+    announce_toy_world,
+    autocast,
+    find_toy_root,
+    get_device,
+    load_checkpoint,
+    load_rgb,
+    make_grad_scaler,
+    run_cli,
+    save_checkpoint,
+    save_grid,
+    seed_everything,
+)
 
 DEFAULT_DATA = "hw2_data/digits"
 DEFAULT_OUT = "checkpoints/p1"

@@ -27,8 +27,19 @@ import torch
 from tqdm import tqdm
 
 from p2_unet import load_face_unet
-from utils import (Hw2Error, announce_toy_world, ensure_writable_dir, get_device, labelled_grid, load_rgb,
-                   load_torch_file, run_cli, save_pil, save_png, to_uint8)
+from utils import (
+    Hw2Error,
+    announce_toy_world,
+    ensure_writable_dir,
+    get_device,
+    labelled_grid,
+    load_rgb,
+    load_torch_file,
+    run_cli,
+    save_pil,
+    save_png,
+    to_uint8,
+)
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 2e-2  # the course's linear beta schedule

@@ -16,11 +16,29 @@ from pathlib import Path
 
 import torch
 
-from p2_ddim import (DEFAULT_STEPS, POSTPROCESS, PRECISIONS, check_sampling_flags, load_noise,
-                     noise_paths, precision_context, sample_all, to_display)
+from p2_ddim import (
+    DEFAULT_STEPS,
+    POSTPROCESS,
+    PRECISIONS,
+    check_sampling_flags,
+    load_noise,
+    noise_paths,
+    precision_context,
+    sample_all,
+    to_display,
+)
 from p2_unet import load_face_unet
-from utils import (Hw2Error, announce_toy_world, ensure_writable_dir, get_device, labelled_grid, run_cli, save_pil,
-                   save_png, to_uint8)
+from utils import (
+    Hw2Error,
+    announce_toy_world,
+    ensure_writable_dir,
+    get_device,
+    labelled_grid,
+    run_cli,
+    save_pil,
+    save_png,
+    to_uint8,
+)
 
 ALPHAS = [i / 10 for i in range(11)]  # 0.0, 0.1, ..., 1.0
 PARALLEL_DOT_THRESHOLD = 0.9995  # |cos theta| above this: slerp's 1 / sin(theta) is ill-conditioned, use lerp

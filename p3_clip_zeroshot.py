@@ -32,8 +32,18 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils import (Hw2Error, announce_toy_world, atomic_write_text, autocast, find_toy_root, get_device,
-                   load_rgb, run_cli, save_pil, seed_everything)
+from utils import (
+    Hw2Error,
+    announce_toy_world,
+    atomic_write_text,
+    autocast,
+    find_toy_root,
+    get_device,
+    load_rgb,
+    run_cli,
+    save_pil,
+    seed_everything,
+)
 
 TINY_CLIP_DIR = Path("toy_models") / "open_clip"  # a toy world's tiny CLIP (toy_data.build_tiny_clip): config JSON
 TINY_CLIP_NAME = "toy-tiny-clip"  # and .safetensors weights, both named after the model

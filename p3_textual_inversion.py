@@ -29,17 +29,29 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
-                       StableDiffusionPipeline)
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save as safetensors_save
 from torchvision.transforms import v2
 from tqdm import tqdm
 from transformers import CLIPModel, CLIPProcessor
 
-from utils import (Hw2Error, announce_toy_world, atomic_dir, atomic_write_bytes, atomic_write_text, find_toy_root,
-                   get_device, load_checkpoint, load_rgb, run_cli, save_checkpoint, save_grid, save_png,
-                   seed_everything)
+from utils import (
+    Hw2Error,
+    announce_toy_world,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    find_toy_root,
+    get_device,
+    load_checkpoint,
+    load_rgb,
+    run_cli,
+    save_checkpoint,
+    save_grid,
+    save_png,
+    seed_everything,
+)
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the grader's CLIP

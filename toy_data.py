@@ -18,12 +18,19 @@ import numpy as np
 import open_clip
 import skimage.data
 import torch
-from PIL import Image
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import save_file
 from torchvision.utils import save_image
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel,
-                          CLIPTokenizer)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
 
 from p2_ddim import DIFFUSERS_DDIM_CONFIG
 from p2_unet import FaceUNet

@@ -11,9 +11,20 @@ from PIL import Image
 from torchvision.utils import save_image
 
 import p2_ddim
-from p2_ddim import (DIFFUSERS_DDIM_CONFIG, ddim_sample, ddim_sample_progressive, ddim_sigma, ddim_step,
-                     ddim_timesteps, image_generators, linear_alpha_bar, load_noise, mse_255,
-                     noise_paths, to_display)
+from p2_ddim import (
+    DIFFUSERS_DDIM_CONFIG,
+    ddim_sample,
+    ddim_sample_progressive,
+    ddim_sigma,
+    ddim_step,
+    ddim_timesteps,
+    image_generators,
+    linear_alpha_bar,
+    load_noise,
+    mse_255,
+    noise_paths,
+    to_display,
+)
 from p2_unet import load_face_unet
 from utils import Hw2Error, to_uint8
 

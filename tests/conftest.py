@@ -17,6 +17,22 @@ sys.path.insert(0, str(REPO))
 from toy_data import build_toy_world  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (full-size models, "
+                     "long training); `-m slow` then selects only those")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests are skipped by default; `--runslow` runs them with everything else, and a `-m` expression that
+    names them (`-m slow`) selects them as written."""
+    if config.getoption("--runslow") or "slow" in config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
     """One toy `hw2_data` tree (seed 0) for the whole session; tests must not modify it."""

@@ -443,8 +443,21 @@ def test_find_toy_root_and_announce(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_labelled_grid_has_a_margin_for_the_labels():
-    tiles = [[np.zeros((8, 8, 3), np.uint8)] * 4 for _ in range(5)]
+def test_labelled_grid_draws_each_label_in_its_margin():
+    """Tiles are white, so any dark pixel can only come from a label; each label must darken its own margin cell."""
+    tile = np.full((8, 8, 3), 255, np.uint8)
     rows, cols = [f"eta = {e}" for e in (0, 0.25, 0.5, 0.75, 1.0)], [f"{i:02d}.pt" for i in range(4)]
-    grid = utils.labelled_grid(tiles, rows, cols)
-    assert grid.width > 4 * 8 + 20 and grid.height > 5 * 8 + 8
+    labelled = np.asarray(utils.labelled_grid([[tile] * 4 for _ in rows], rows, cols, pad=4).convert("L"))
+    blank = np.asarray(utils.labelled_grid([[tile] * 4 for _ in rows], [""] * 5, [""] * 4, pad=4).convert("L"))
+    assert blank.min() == 255, "with empty labels the figure must be all white"
+    top = labelled.shape[0] - 5 * (8 + 4)  # height of the column-label strip
+    left = labelled.shape[1] - 4 * (8 + 4)  # width of the row-label strip
+    assert top > 4 and left > 4, f"no margin for labels: top {top}, left {left}"
+    for col in range(4):
+        strip = labelled[:top, left + col * 12:left + (col + 1) * 12]
+        assert (strip < 128).any(), f"column label {cols[col]!r} not drawn"
+    for row in range(5):
+        strip = labelled[top + row * 12:top + (row + 1) * 12, :left]
+        assert (strip < 128).any(), f"row label {rows[row]!r} not drawn"
+    tiles_only = labelled[top:, left:]
+    assert tiles_only.min() == 255, "label text spilled over the tiles"

@@ -39,6 +39,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import p3_textual_inversion as ti
+from p3_concepts import add_placeholder_tokens, sample_images
+from sd_v1 import load_sd_pipeline
 from toy_data import SD_V1_SCHEDULE, TINY_SD_DIR, build_tiny_sd, clip_bpe_tokenizer
 from utils import Hw2Error, get_device, run_cli, seed_everything
 
@@ -66,7 +68,7 @@ def sd14_config_pipeline():
 
 
 def load_bench_pipeline(model, dtype=torch.float32):
-    return sd14_config_pipeline().to(dtype=dtype) if model == "sd14-config" else ti.load_pipeline(model, dtype)
+    return sd14_config_pipeline().to(dtype=dtype) if model == "sd14-config" else load_sd_pipeline(model, dtype)
 
 
 def synchronize(device):
@@ -112,7 +114,7 @@ def train_worker(job):
     seed_everything(0)
     pipe = load_bench_pipeline(job["model"])
     resolution = job["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    new_ids = ti.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<bench>", 1, "dog")
+    new_ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<bench>", 1, "dog")
     embedding, autocast, scaler = ti.prepare_for_training(pipe, device, job["mixed_precision"], job["checkpointing"])
     original = embedding.weight.detach().clone()
     optimizer = torch.optim.AdamW([embedding.weight], lr=1e-3)
@@ -145,17 +147,17 @@ def train_worker(job):
 
 
 def generate_worker(job):
-    """Images/s of p3_textual_inversion.sample_images (DPM-Solver++, the generate default)."""
+    """Images/s of p3_concepts.sample_images (DPM-Solver++, the generate default)."""
     device = torch.device(job["device"])
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # what generate uses
     pipe = load_bench_pipeline(job["model"], dtype).to(device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     seeds = list(range(job["batch_size"]))
-    ti.sample_images(pipe, "a photo of a dog", seeds, 2, 7.5, job["resolution"])  # warm-up
+    sample_images(pipe, "a photo of a dog", seeds, 2, 7.5, job["resolution"])  # warm-up
     synchronize(device)
     start = time.perf_counter()
     for _ in range(job["repeats"]):
-        ti.sample_images(pipe, "a photo of a dog", seeds, job["steps"], 7.5, job["resolution"])
+        sample_images(pipe, "a photo of a dog", seeds, job["steps"], 7.5, job["resolution"])
     synchronize(device)
     return {"images_per_s": job["repeats"] * job["batch_size"] / (time.perf_counter() - start)}
 

@@ -17,7 +17,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
+import p3_concepts as concepts
+import p3_score
 import p3_textual_inversion as ti
+import sd_v1
 from utils import Hw2Error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +38,11 @@ def ti_dir(toy_world):
 
 @pytest.fixture(scope="module")
 def toy_sd(toy_world):
-    return toy_world / ti.TOY_SD
+    return toy_world / sd_v1.TOY_SD
 
 
 def toy_pipeline(toy_sd):
-    return ti.load_pipeline(str(toy_sd))
+    return sd_v1.load_sd_pipeline(str(toy_sd))
 
 
 def train_args(*extra):
@@ -63,7 +66,8 @@ def test_toy_tokenizer_gives_open_clip_ids(toy_sd):
 
 
 def test_toy_models_stay_small(toy_world):
-    size = sum(f.stat().st_size for d in (ti.TOY_SD, ti.TOY_CLIP) for f in (toy_world / d).rglob("*") if f.is_file())
+    folders = (toy_world / sd_v1.TOY_SD, toy_world / p3_score.TOY_CLIP)
+    size = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
     assert size < 20 * 2**20, f"toy SD + CLIP scorer take {size / 2**20:.1f} MB"
 
 
@@ -71,26 +75,26 @@ def test_toy_models_stay_small(toy_world):
 
 
 def test_placeholder_tokens_follow_diffusers_naming():
-    assert ti.placeholder_tokens("<new1>", 3) == ["<new1>", "<new1>_1", "<new1>_2"]
-    assert ti.expand_placeholder("a photo of a <new1>", "<new1>", 2) == "a photo of a <new1> <new1>_1"
-    assert ti.concept_property({"token_name": "<new2>", "prompt": ["Paris in the style of <new2>."]}) == "style"
-    assert ti.concept_property({"token_name": "<new1>", "prompt": ["A <new1> on a beach."]}) == "object"
+    assert concepts.placeholder_tokens("<new1>", 3) == ["<new1>", "<new1>_1", "<new1>_2"]
+    assert concepts.expand_placeholder("a photo of a <new1>", "<new1>", 2) == "a photo of a <new1> <new1>_1"
+    assert concepts.concept_property({"token_name": "<new2>", "prompt": ["Paris in the style of <new2>."]}) == "style"
+    assert concepts.concept_property({"token_name": "<new1>", "prompt": ["A <new1> on a beach."]}) == "object"
 
 
 def test_new_rows_start_at_the_init_token(toy_sd):
     pipe = toy_pipeline(toy_sd)
     weight = pipe.text_encoder.get_input_embeddings().weight
     rocket = pipe.tokenizer.convert_tokens_to_ids("rocket</w>")
-    ids = ti.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<new1>", 2, "rocket")
+    ids = concepts.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<new1>", 2, "rocket")
     assert ids == [49408, 49409] and weight.shape[0] == 49410
     assert torch.equal(weight[ids], weight[[rocket, rocket]])
     with pytest.raises(Hw2Error, match="already in the tokenizer"):
-        ti.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "dog", 1, "rocket")
+        concepts.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "dog", 1, "rocket")
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(toy_sd):
     pipe = toy_pipeline(toy_sd)
-    new_ids = ti.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<new1>", 1, "rocket")
+    new_ids = concepts.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<new1>", 1, "rocket")
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     embedding = pipe.text_encoder.get_input_embeddings()
@@ -106,11 +110,11 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(toy_sd):
     optimizer = torch.optim.AdamW([embedding.weight], lr=0.05, weight_decay=ti.ADAM_WEIGHT_DECAY)
     losses = []
     for _ in range(6):
-        loss = ti.ti_loss(pipe.unet, pipe.text_encoder, scheduler, z_0, input_ids, eps, t)
+        loss = concepts.denoising_loss(pipe.unet, pipe.text_encoder, scheduler, z_0, input_ids, eps, t)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ti.restore_frozen_rows(embedding.weight, original, new_ids)
+        concepts.restore_frozen_rows(embedding.weight, original, new_ids)
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
     frozen = torch.ones(len(original), dtype=torch.bool)
@@ -160,7 +164,7 @@ def random_embeds(tmp_path_factory, toy_sd):
     folder = tmp_path_factory.mktemp("embeds")
     generator = torch.Generator().manual_seed(1)
     for concept, token in (("0", "<new1>"), ("1", "<new2>")):
-        ti.save_learned_embeds(folder / concept / ti.EMBEDS_FILE, token, torch.randn(1, 32, generator=generator))
+        concepts.save_learned_embeds(folder / concept / ti.EMBEDS_FILE, token, torch.randn(1, 32, generator=generator))
     return folder
 
 
@@ -169,7 +173,7 @@ def test_generate_writes_the_graders_layout(ti_dir, random_embeds, tmp_path):
              "--batch-size", "25", "--device", "cpu"])
     data = json.loads((ti_dir / "input.json").read_text())
     expected = {f"{c}/{p}/source{c}_prompt{p}_{i}.png" for c, entry in data.items()
-                for p in range(len(entry["prompt"])) for i in range(ti.GRADER_IMAGES)}
+                for p in range(len(entry["prompt"])) for i in range(concepts.GRADER_IMAGES)}
     written = {path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file()}
     assert written == expected
     with Image.open(tmp_path / "0" / "0" / "source0_prompt0_0.png") as image:
@@ -198,7 +202,7 @@ def test_score_formula_matches_the_graders_loops():
     generator = torch.Generator().manual_seed(0)
     images, references, text = torch.randn(25, 8, generator=generator), torch.randn(3, 8, generator=generator), \
         torch.randn(8, generator=generator)
-    clip_i, clip_t = ti.clip_scores(images, references, text)
+    clip_i, clip_t = p3_score.clip_scores(images, references, text)
     # the grader: for each image, the mean over references of 100 * cosine_similarity, one pair at a time
     for n in range(25):
         by_hand_i = sum(100 * F.cosine_similarity(images[n:n + 1], references[r:r + 1]).item() for r in range(3)) / 3
@@ -208,7 +212,7 @@ def test_score_formula_matches_the_graders_loops():
     # a case where CLIP-I alone would pick other images: the top 5 by I + 2.5 T are images 20..24
     clip_i = torch.tensor([80.0] * 20 + [70.0] * 5)
     clip_t = torch.tensor([20.0] * 20 + [30.0, 31.0, 32.0, 33.0, 34.0])
-    assert ti.top_k_means(clip_i, clip_t) == pytest.approx((70.0, 32.0))
+    assert p3_score.top_k_means(clip_i, clip_t) == pytest.approx((70.0, 32.0))
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -236,7 +240,7 @@ def test_bad_input_is_one_clear_error(ti_dir, toy_world, random_embeds, tmp_path
     (corrupt / "00.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(Hw2Error, match="cannot read image"):
         ti.main(train_args(str(corrupt), "--token", "<x>", "--init-token", "dog", "--out", str(tmp_path / "c"),
-                           "--model", str(toy_world / ti.TOY_SD)))
+                           "--model", str(toy_world / sd_v1.TOY_SD)))
 
     with pytest.raises(Hw2Error, match="already in the tokenizer"):
         ti.main(train_args(str(ti_dir / "0"), "--token", "dog", "--init-token", "dog", "--out", str(tmp_path / "d")))
@@ -253,7 +257,7 @@ def test_score_refuses_a_folder_without_25_images(ti_dir, random_embeds, tmp_pat
         for p in range(len(entry["prompt"])):
             folder = tmp_path / concept / str(p)
             folder.mkdir(parents=True)
-            for i in range(ti.GRADER_IMAGES):
+            for i in range(concepts.GRADER_IMAGES):
                 shutil.copy(ti_dir / concept / "00.jpg", folder / f"source{concept}_prompt{p}_{i}.png")
     (tmp_path / "1" / "1" / "source1_prompt1_7.png").unlink()
     with pytest.raises(Hw2Error, match="holds 24 images"):
@@ -282,7 +286,7 @@ def test_smoke_train_generate_score(ti_dir, tmp_path):
     result = run_script("generate", str(ti_dir / "input.json"), str(images), "--embeds", str(embeds), "--steps", "1",
                         "--batch-size", "25", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert len(list(images.rglob("*.png"))) == 4 * ti.GRADER_IMAGES
+    assert len(list(images.rglob("*.png"))) == 4 * concepts.GRADER_IMAGES
 
     result = run_script("score", str(ti_dir / "input.json"), str(images), "--device", "cpu")
     assert result.returncode == 0, result.stderr

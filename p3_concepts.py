@@ -26,6 +26,7 @@ from utils import Hw2Error, atomic_dir, atomic_write_bytes, atomic_write_text, l
 
 INPUT_FIELDS = ("token_name", "src_image", "prompt", "prompt_4_clip_eval", "baseline")
 TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")  # placeholder tokens in prompts: "<new1>"
+UNSAFE_FILE_CHARACTERS = re.compile(r'[<>:"/\\|?*\s]')  # refused in file names on some systems
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 GRADER_IMAGES = 25  # the grader refuses any other count per prompt folder
 # random square crops covering this fraction of the (pre-resized) photo's area: an object should stay mostly
@@ -193,6 +194,18 @@ def restore_frozen_rows(weight, original, trainable_ids):
 def save_learned_embeds(path, token, rows):
     """diffusers' textual-inversion file: {token: [num_vectors, D] float32}, written atomically."""
     atomic_write_bytes(path, safetensors_save({token: rows.detach().float().cpu().contiguous()}))
+
+
+def a1111_embedding_path(folder, token):
+    """`folder/<token>.safetensors`, the token without its angle brackets ("<new1>" -> new1.safetensors): file
+    systems refuse < and >, and AUTOMATIC1111 and ComfyUI name an embedding after its file."""
+    name = UNSAFE_FILE_CHARACTERS.sub("", token) or "embedding"
+    return Path(folder) / f"{name}.safetensors"
+
+
+def save_a1111_embedding(path, rows):
+    """The embedding file AUTOMATIC1111 and ComfyUI load: {"emb_params": [num_vectors, D] float32}, atomically."""
+    atomic_write_bytes(path, safetensors_save({"emb_params": rows.detach().float().cpu().contiguous()}))
 
 
 def slice_rows(state, ids, num_rows):

@@ -3,10 +3,11 @@
     python p3_textual_inversion.py score hw2_data/textual_inversion/input.json out/p3
     python p3_custom_diffusion.py score hw2_data/textual_inversion/input.json out/p3_cd
 
-For each concept and prompt the grader reads the 25 images of OUT_DIR/{concept}/{prompt}/, scores each with CLIP:
-CLIP-I = mean over the concept's reference photos of 100 cos(image, photo), CLIP-T = 100 cos(image, the eval
-prompt); keeps the 5 images with the highest CLIP-I + 2.5 CLIP-T, and passes the prompt when their mean CLIP-I
-and mean CLIP-T both reach input.json's baseline.
+For each concept and prompt the grader reads the 25 images of OUT_DIR/{concept}/{prompt}/ and scores each with
+CLIP (images through its CLIPProcessor): CLIP-I = mean over the concept's reference photos of 100 cos(image,
+photo); CLIP-T = the scorer's `logits_per_image` for the eval prompt (its own logit scale times the cosine, which
+is 100 cos for openai/clip-vit-base-patch32). It keeps the 5 images with the highest CLIP-I + 2.5 CLIP-T, and
+passes the prompt when their mean CLIP-I and mean CLIP-T both reach input.json's baseline.
 """
 
 from dataclasses import dataclass
@@ -45,12 +46,13 @@ def passes(clip_i, clip_t, baseline_i, baseline_t):
     return clip_i >= baseline_i and clip_t >= baseline_t
 
 
-def clip_scores(image_features, reference_features, text_features):
-    """The grader's per-image scores: CLIP-I = mean over reference photos of 100 cos(image, reference),
-    CLIP-T = 100 cos(image, eval prompt). image_features N x D, reference_features R x D, text_features D."""
+def clip_scores(image_features, reference_features, text_features, logit_scale):
+    """The grader's per-image scores. CLIP-I = mean over reference photos of 100 cos(image, reference); CLIP-T =
+    the scorer's own logits_per_image against the eval prompt, i.e. logit_scale cos(image, text) (100 only for
+    OpenAI's CLIP). image_features N x D, reference_features R x D, text_features D; logit_scale a number."""
     image = F.normalize(image_features.float(), dim=-1)
     clip_i = 100 * (image @ F.normalize(reference_features.float(), dim=-1).T).mean(1)  # N
-    clip_t = 100 * image @ F.normalize(text_features.float(), dim=-1)  # N
+    clip_t = logit_scale * image @ F.normalize(text_features.float(), dim=-1)  # N
     return clip_i, clip_t
 
 
@@ -100,11 +102,13 @@ def check_folders(data, concepts, out_dir):
 def score_folders(data, concepts, out_dir, model, processor, device):
     """A PromptScore per (concept, prompt) of input.json `data`, in its order; the folders are checked already."""
     rows = []
+    logit_scale = model.logit_scale.exp().item()  # what CLIPModel.forward multiplies the cosines by
     for concept, entry in data.items():
         references = image_features(model, processor, list_images(concepts / concept), device)
         for p, (eval_prompt, (base_i, base_t)) in enumerate(zip(entry["prompt_4_clip_eval"], entry["baseline"])):
             generated = image_features(model, processor, list_images(out_dir / concept / str(p)), device)
-            clip_i, clip_t = clip_scores(generated, references, text_features(model, processor, eval_prompt, device))
+            clip_i, clip_t = clip_scores(generated, references, text_features(model, processor, eval_prompt, device),
+                                         logit_scale)
             mean_i, mean_t = top_k_means(clip_i, clip_t)
             rows.append(PromptScore(concept, p, mean_i, base_i, mean_t, base_t))
     return rows

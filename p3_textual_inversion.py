@@ -21,6 +21,7 @@ subcommand defaults to the tiny random models under `hw2_data/toy_models/`.
 """
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from p3_concepts import (
     TEMPLATES,
+    a1111_embedding_path,
     add_generation_arguments,
     add_placeholder_tokens,
     check_destination,
@@ -51,6 +53,7 @@ from p3_concepts import (
     rng_state,
     sample_batch,
     sample_images,
+    save_a1111_embedding,
     save_learned_embeds,
     set_rng_state,
     set_scheduler,
@@ -141,13 +144,11 @@ def train_step(pipe, noise_scheduler, next_batch, grad_accum, optimizer, scaler,
     return loss.item()
 
 
-def train_concept(args, concept_dir, token, init_text, prop, out_dir, model, device):
-    """Learn `token` from the photos in `concept_dir`; write out_dir/learned_embeds.safetensors (and resume state).
-
-    Returns the pipeline whose text encoder holds the learned rows (tests compare it with the original)."""
+def train_concept(args, pipe, concept_dir, token, init_text, prop, out_dir, model, device):
+    """Learn `token` from the photos in `concept_dir` with `pipe` (loaded from `model`), whose tokenizer and text
+    encoder then hold the learned rows; write out_dir/learned_embeds.safetensors, its A1111 copy and resume state."""
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_FILE
-    pipe = load_sd_pipeline(model)
     tokenizer = pipe.tokenizer
     # the model's own training noise schedule (its scheduler config, e.g. SD v1's scaled-linear betas)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -179,7 +180,7 @@ def train_concept(args, concept_dir, token, init_text, prop, out_dir, model, dev
         set_rng_state(state["rng"], device)
         if start >= args.steps:
             print(f"{token} is already trained to {start} steps in {out_dir}; raise --steps to train further.")
-            return pipe
+            return
         print(f"Resuming {token} from step {start} ({state_path}).")
 
     def save(step):
@@ -188,6 +189,7 @@ def train_concept(args, concept_dir, token, init_text, prop, out_dir, model, dev
             "step": step, "config": config, "embeds": rows, "scaler": scaler.state_dict(), "rng": rng_state(device),
             "optimizer": slice_rows(optimizer.state_dict(), new_ids, embedding.weight.shape[0])})
         save_learned_embeds(out_dir / EMBEDS_FILE, token, rows)
+        save_a1111_embedding(a1111_embedding_path(out_dir, token), rows)
 
     def next_batch():
         return sample_batch(images, tokenizer, templates, concept_text, resolution, prop, args.batch_size)
@@ -195,7 +197,8 @@ def train_concept(args, concept_dir, token, init_text, prop, out_dir, model, dev
     progress = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"train {token}")
     for step in progress:
         if args.validate_every and step % args.validate_every == 0:
-            validation = validation_images(pipe, VALIDATION_PROMPT[prop].format(concept_text), resolution, autocast,
+            # the plain token: the pipeline itself writes a multi-vector token as all its vectors' tokens
+            validation = validation_images(pipe, VALIDATION_PROMPT[prop].format(token), resolution, autocast,
                                            args.seed)
             save_grid(validation * 2 - 1, out_dir / "validation" / f"step{step:06d}.png", nrow=VALIDATION_IMAGES)
         loss = train_step(pipe, noise_scheduler, next_batch, args.grad_accum, optimizer, scaler, autocast, original,
@@ -204,7 +207,6 @@ def train_concept(args, concept_dir, token, init_text, prop, out_dir, model, dev
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save(step + 1)
     print(f"Wrote {out_dir / EMBEDS_FILE} ({token}, {args.num_vectors} vector(s), {args.steps} steps).")
-    return pipe  # its tokenizer and text encoder now hold the learned token(s)
 
 
 def run_train(args):
@@ -234,11 +236,14 @@ def run_train(args):
                 for concept, entry in entries.items()]
     for concept_dir, _, _, _, _ in jobs:  # every folder is checked before any training starts
         concept_image_paths(concept_dir)
-    pipes = []
+    pipe = load_sd_pipeline(model)  # once for all concepts; each starts from the model's own vocabulary
+    tokenizer, vocab_size = copy.deepcopy(pipe.tokenizer), len(pipe.tokenizer)
     for concept_dir, token, init_text, prop, out_dir in jobs:
         print(f"Concept {concept_dir}: {token} ({prop}), initialised from {init_text!r}.")
-        pipes.append(train_concept(args, concept_dir, token, init_text, prop, out_dir, model, device))
-    return pipes
+        pipe.tokenizer = copy.deepcopy(tokenizer)
+        pipe.text_encoder.resize_token_embeddings(vocab_size)  # drops the previous concept's rows
+        train_concept(args, pipe, concept_dir, token, init_text, prop, out_dir, model, device)
+    return pipe  # its tokenizer and text encoder hold the last concept's learned token(s)
 
 
 # -------------------------------------------------------------------------------------------- generation

@@ -9,9 +9,11 @@ A single file in the original CompVis layout (`.ckpt` or `.safetensors`) loads w
 Hugging Face cache: SD v1's pipeline configs ship in `configs/sd_v1/`, and CLIP's tokenizer is rebuilt from the
 BPE merges that open_clip ships. A `.ckpt` is a pickle: it is read by torch's weights-only unpickler, which here
 also accepts numpy scalars and PyTorch Lightning's callback records (inert stand-ins) and refuses anything else.
-Its tensors are then written once to a `.safetensors` cache, beside the `.ckpt` when that folder is writable, else
-under ~/.cache/hw2/sd_v1 (or $XDG_CACHE_HOME/hw2/sd_v1); the cache is used while the `.ckpt`'s size and
-modification time are those it was made from.
+Its architecture is checked against the configs, diffusers' own converter (`from_single_file`) turns it into a
+pipeline, and that pipeline is written once, atomically, as a diffusers folder of `.safetensors` files: the cache
+`<file>.hw2-diffusers/` beside the file when that folder is writable, else under ~/.cache/hw2/sd_v1 (or
+$XDG_CACHE_HOME/hw2/sd_v1). Later runs load the cache with `from_pretrained` (no unpickling, no conversion) while
+the file's path, size and modification time are those recorded in it.
 """
 
 import contextlib
@@ -22,6 +24,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import diffusers
@@ -30,17 +33,17 @@ import open_clip
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from utils import Hw2Error, atomic_path, find_toy_root
+from utils import Hw2Error, atomic_dir, find_toy_root
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 SD_V1_CONFIG = Path(__file__).resolve().parent / "configs" / "sd_v1"  # model_index.json + component configs
 TOY_SD = Path("toy_models") / "tiny-sd"  # inside a toy hw2_data (see toy_data.build_tiny_sd)
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 CLIP_CONTEXT_LENGTH = 77
-CACHE_SUFFIX = ".hw2-cache.safetensors"
+CACHE_SUFFIX = ".hw2-diffusers"  # the cache folder of a single file: model.ckpt -> model.ckpt.hw2-diffusers/
+STAMP_FILE = "hw2_source.json"  # in the cache: the size and mtime of the file it was converted from
 # the original file's top-level prefixes: LatentDiffusion.model.diffusion_model, .first_stage_model (the VAE),
 # .cond_stage_model.transformer (a transformers CLIPTextModel inside FrozenCLIPEmbedder)
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
@@ -219,7 +222,8 @@ def read_pickled_tensors(path):
     """The tensors of a `.ckpt`'s state_dict, read by torch's weights-only unpickler: nothing in it is executed."""
     try:
         with torch.serialization.safe_globals(safe_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            # a zip checkpoint (torch >= 1.6) is memory-mapped: reading its shapes does not read its 4 GB
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
@@ -236,8 +240,22 @@ def read_pickled_tensors(path):
     return {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
 
 
-def cache_path(source):
-    """Where the `.safetensors` copy of `source` lives: beside it when its folder is writable, else in ~/.cache."""
+def original_shapes(path):
+    """{key: shape} of an original-layout single file; a .ckpt is read through the guarded unpickler."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as handle:
+                return {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+        except (SafetensorError, OSError) as err:
+            raise Hw2Error(f"cannot read {path} as safetensors ({err})") from err
+    return {key: tuple(value.shape) for key, value in read_pickled_tensors(path).items()}
+
+
+# ------------------------------------------------------------------------------------------- the diffusers cache
+
+
+def cache_dir(source):
+    """Where the diffusers copy of `source` lives: beside it when its folder is writable, else in ~/.cache."""
     if os.access(source.parent, os.W_OK):
         return source.with_name(source.name + CACHE_SUFFIX)
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hw2" / "sd_v1"
@@ -246,47 +264,38 @@ def cache_path(source):
 
 
 def source_stamp(source):
+    """What must not change for a cache of `source` to stay valid: its path, size and modification time."""
     stat = source.stat()
-    return {"source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
+    return {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def cached_safetensors(source):
-    """`source` (.ckpt) as a .safetensors file in the same layout: written once, reused while its stamp matches."""
-    cache, stamp = cache_path(source), source_stamp(source)
-    with contextlib.suppress(OSError, SafetensorError), safe_open(cache, framework="pt") as handle:
-        if {key: (handle.metadata() or {}).get(key) for key in stamp} == stamp:
-            return cache
-    tensors = read_pickled_tensors(source)
-    owners = {}
-    for value in tensors.values():
-        owners[value.untyped_storage().data_ptr()] = owners.get(value.untyped_storage().data_ptr(), 0) + 1
-    # safetensors stores each tensor on its own: views of a shared storage are copied out
-    tensors = {key: value.clone() if owners[value.untyped_storage().data_ptr()] > 1 else value.contiguous()
-               for key, value in tensors.items()}
+def cache_is_valid(cache, source):
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((cache / STAMP_FILE).read_text()) == source_stamp(source)
+    return False
+
+
+def convert_single_file(path, config):
+    """diffusers' own converter (from_single_file) on an original-layout file, written once as a diffusers folder
+    of .safetensors files (the cache) and returned, in float32. The architecture is checked before any of it."""
+    check_architecture(original_shapes(path), expected_shapes(config), path)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = clip_bpe_tokenizer(tmp)
+    # diffusers reads a .ckpt with torch.load(weights_only=True): the same allowlist applies
+    with torch.serialization.safe_globals(safe_globals()):
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), tokenizer=tokenizer,
+                                                        safety_checker=None, feature_extractor=None,
+                                                        requires_safety_checker=False, local_files_only=True)
+    cache = cache_dir(path)
     try:
-        with atomic_path(cache) as tmp:
-            save_file(tensors, tmp, metadata=stamp)
+        with atomic_dir(cache) as tmp:
+            pipe.save_pretrained(tmp)
+            (tmp / STAMP_FILE).write_text(json.dumps(source_stamp(path)) + "\n")
     except OSError as err:
-        raise Hw2Error(f"cannot write the safetensors cache {cache} of {source} ({err.strerror or err}); free "
-                       f"space there or set XDG_CACHE_HOME to a folder with room") from err
-    print(f"Converted {source} once to {cache}; later runs read that copy while {source.name} is unchanged.")
-    return cache
-
-
-def file_shapes(path):
-    with safe_open(path, framework="pt") as handle:
-        return {key: handle.get_slice(key).get_shape() for key in handle.keys()}
-
-
-def single_file_weights(path, config):
-    """The .safetensors to hand to diffusers for an original-layout file, its architecture checked first."""
-    weights = path if path.suffix == ".safetensors" else cached_safetensors(path)
-    try:
-        shapes = file_shapes(weights)
-    except (SafetensorError, OSError) as err:
-        raise Hw2Error(f"cannot read {weights} as safetensors ({err})") from err
-    check_architecture(shapes, expected_shapes(config), path)
-    return weights
+        raise Hw2Error(f"cannot write the cache {cache} of {path} ({err.strerror or err}); free space there or "
+                       f"set XDG_CACHE_HOME to a folder with room") from err
+    print(f"Converted {path} once to {cache}; later runs load that copy while {path.name} is unchanged.")
+    return pipe
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -322,11 +331,11 @@ def load_sd_pipeline(model, dtype=torch.float32, config=SD_V1_CONFIG):
         if path.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
         elif path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
-            weights = single_file_weights(path, config)
-            with tempfile.TemporaryDirectory() as tmp:
-                tokenizer = clip_bpe_tokenizer(tmp)
-            pipe = StableDiffusionPipeline.from_single_file(str(weights), config=str(config), tokenizer=tokenizer,
-                                                            feature_extractor=None, local_files_only=True, **kwargs)
+            cache = cache_dir(path)
+            if cache_is_valid(cache, path):
+                pipe = StableDiffusionPipeline.from_pretrained(cache, **kwargs)
+            else:
+                pipe = convert_single_file(path, config).to(dtype=dtype)
         elif path.exists() or path.suffix in (*SINGLE_FILE_SUFFIXES, ".pt") or str(model).startswith((".", "/", "~")):
             raise Hw2Error(f"model {model} does not exist or is not a diffusers folder / .ckpt / .safetensors "
                            f"file; pass the SD v1.4 checkpoint path or a hub id such as {DEFAULT_MODEL}")

@@ -5,11 +5,11 @@
 SD v1.4's architecture (configs/sd_v1) with random weights is written twice: as a diffusers folder
 (`save_pretrained`, safetensors) and in the original CompVis layout as a PyTorch-Lightning-era `model.ckpt`
 (`write_lightning_checkpoint`). Each load then runs in a fresh process, offline with an empty Hugging Face cache,
-interleaved over `--rounds` rounds: `load_sd_pipeline(folder)` (diffusers' from_pretrained), `load_sd_pipeline
-(model.ckpt)` with no cache (weights-only unpickling, the one-time `.safetensors` cache write, diffusers' conversion)
-and `load_sd_pipeline(model.ckpt)` again (cached). The medians are printed as ratios to from_pretrained. The files
-are in the page cache for every load (written just before), so disk speed is not measured. `--dir` is deleted
-after the run unless `--keep`.
+interleaved over `--rounds` rounds: `load_sd_pipeline(folder)` (diffusers' from_pretrained);
+`load_sd_pipeline(model.ckpt)` with no cache (guarded unpickling, the architecture check, diffusers'
+from_single_file and the one-time write of the diffusers-folder cache); and `load_sd_pipeline(model.ckpt)` again
+(cached). The medians are printed as ratios to from_pretrained. The files are in the page cache for every load
+(written just before), so disk speed is not measured. `--dir` is deleted after the run unless `--keep`.
 """
 
 import argparse
@@ -34,7 +34,7 @@ from sd_v1 import (
     TEXT_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
-    cache_path,
+    cache_dir,
     load_sd_pipeline,
     original_state_dict,
     random_pipeline,
@@ -123,16 +123,16 @@ def main(argv=None):
     folder.mkdir(parents=True, exist_ok=True)
     try:
         summary = write_files(folder)
-        ckpt, cache = folder / "model.ckpt", cache_path(folder / "model.ckpt")
+        ckpt, cache = folder / "model.ckpt", cache_dir(folder / "model.ckpt")
         times = {"from_pretrained": [], "single file, first run": [], "single file, cached": []}
         with tempfile.TemporaryDirectory() as hf_home:
             for round_index in range(args.rounds):
                 times["from_pretrained"].append(run_worker(folder / "diffusers", hf_home)["seconds"])
-                cache.unlink(missing_ok=True)
+                shutil.rmtree(cache, ignore_errors=True)
                 times["single file, first run"].append(run_worker(ckpt, hf_home)["seconds"])
                 times["single file, cached"].append(run_worker(ckpt, hf_home)["seconds"])
                 print(f"round {round_index + 1}: {({k: round(v[-1], 1) for k, v in times.items()})}", file=sys.stderr)
-            sizes = {"model.ckpt": ckpt.stat().st_size, "cache": cache.stat().st_size}
+            sizes = {"model.ckpt": ckpt.stat().st_size, "cache": sum(f.stat().st_size for f in cache.rglob("*"))}
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -56,10 +56,10 @@ def tiny(tmp_path_factory):
     return {"pipe": pipe, "config": config, "folder": folder}
 
 
-def fresh_ckpt(tiny, tmp_path):
-    path = tmp_path / "model.ckpt"
-    shutil.copy2(tiny["folder"] / "model.ckpt", path)
-    return path
+def fresh_copy(tiny, tmp_path, name="model.ckpt"):
+    """A copy of a fixture file in `tmp_path`: the loader writes its cache beside the file it loads."""
+    shutil.copy2(tiny["folder"] / name, tmp_path / name)
+    return tmp_path / name
 
 
 def assert_same_weights(ours, theirs):
@@ -70,15 +70,15 @@ def assert_same_weights(ours, theirs):
         assert not differ, f"{name}: {len(differ)} tensors differ after the round trip, e.g. {differ[:3]}"
 
 
-def test_our_original_layout_round_trips_bit_identically_through_diffusers_converter(tiny):
+def test_our_original_layout_round_trips_bit_identically_through_diffusers_converter(tiny, tmp_path):
     # diffusers' own converter (from_single_file) reads what our writer wrote back into the same weights
-    loaded = sd_v1.load_sd_pipeline(str(tiny["folder"] / "original.safetensors"), config=tiny["config"])
+    loaded = sd_v1.load_sd_pipeline(str(fresh_copy(tiny, tmp_path, "original.safetensors")), config=tiny["config"])
     assert_same_weights(tiny["pipe"], loaded)
     assert loaded.tokenizer("a <x> dog").input_ids[0] == 49406 and len(loaded.tokenizer) == 49408
 
 
 def test_lightning_ckpt_loads_offline_with_an_empty_hf_cache(tiny, tmp_path):
-    ckpt = fresh_ckpt(tiny, tmp_path)
+    ckpt = fresh_copy(tiny, tmp_path)
     out = tmp_path / "loaded.safetensors"
     script = (f"import sd_v1, safetensors.torch as st; p = sd_v1.load_sd_pipeline({str(ckpt)!r}, "
               f"config={str(tiny['config'])!r}); st.save_file({{f'{{n}}.{{k}}': v.contiguous() for n in "
@@ -95,28 +95,31 @@ def test_lightning_ckpt_loads_offline_with_an_empty_hf_cache(tiny, tmp_path):
 
 
 def test_the_cache_is_written_once_and_redone_when_the_source_changes(tiny, tmp_path, capsys):
-    ckpt = fresh_ckpt(tiny, tmp_path)
-    cache = sd_v1.cached_safetensors(ckpt)
-    assert cache == tmp_path / ("model.ckpt" + sd_v1.CACHE_SUFFIX) and "Converted" in capsys.readouterr().out
-    expected = load_file(tiny["folder"] / "original.safetensors")
-    cached = load_file(cache)
-    assert cached.keys() == expected.keys() and all(torch.equal(cached[k], expected[k]) for k in expected)
-    written = cache.stat().st_mtime_ns
-    assert sd_v1.cached_safetensors(ckpt) == cache and cache.stat().st_mtime_ns == written
-    assert "Converted" not in capsys.readouterr().out
+    ckpt = fresh_copy(tiny, tmp_path)
+    sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    cache = tmp_path / ("model.ckpt" + sd_v1.CACHE_SUFFIX)
+    assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt)
+    assert sorted(p.name for p in cache.rglob("*.safetensors")) == ["diffusion_pytorch_model.safetensors",
+                                                                    "diffusion_pytorch_model.safetensors",
+                                                                    "model.safetensors"]
+    written = (cache / sd_v1.STAMP_FILE).stat().st_mtime_ns
+    cached = sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    assert "Converted" not in capsys.readouterr().out and (cache / sd_v1.STAMP_FILE).stat().st_mtime_ns == written
+    assert_same_weights(tiny["pipe"], cached)
     stat = ckpt.stat()
     os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a replaced source: the cache is redone
-    sd_v1.cached_safetensors(ckpt)
-    assert "Converted" in capsys.readouterr().out
+    assert not sd_v1.cache_is_valid(cache, ckpt)
+    sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt)
 
 
 def test_the_cache_goes_to_the_user_cache_when_the_folder_is_read_only(tmp_path, monkeypatch):
     source = tmp_path / "ro" / "model.ckpt"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(sd_v1.os, "access", lambda path, mode: Path(path) != source.parent)
-    path = sd_v1.cache_path(source)
+    path = sd_v1.cache_dir(source)
     assert path.parent == tmp_path / "xdg" / "hw2" / "sd_v1" and path.name.startswith("model.ckpt.")
-    assert sd_v1.cache_path(tmp_path / "other" / "model.ckpt") != path  # two sources never share a cache file
+    assert sd_v1.cache_dir(tmp_path / "other" / "model.ckpt") != path  # two sources never share a cache
 
 
 def test_a_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
@@ -130,7 +133,7 @@ def test_a_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(Hw2Error, match=r"holds the class or function exec, which is refused"):
         sd_v1.load_sd_pipeline(str(tmp_path / "model.ckpt"))
     assert not marker.exists(), "the pickle ran code"
-    assert not list(tmp_path.glob("*" + sd_v1.CACHE_SUFFIX)), "a cache was written for a refused file"
+    assert not list(tmp_path.glob("*" + sd_v1.CACHE_SUFFIX + "*")), "a cache was written for a refused file"
 
 
 def test_an_unknown_class_is_refused_with_its_name(tmp_path):
@@ -142,7 +145,7 @@ def test_an_unknown_class_is_refused_with_its_name(tmp_path):
 def test_a_wrong_architecture_names_the_first_mismatching_keys(tiny, tmp_path):
     with pytest.raises(Hw2Error, match=r"not a Stable Diffusion v1 .*\.input_blocks\.0\.0\.weight \[8, 4, 3, 3\] "
                                        r"\(expected \[320, 4, 3, 3\]\)"):
-        sd_v1.load_sd_pipeline(str(tiny["folder"] / "original.safetensors"))  # tiny weights, SD v1.4's configs
+        sd_v1.load_sd_pipeline(str(fresh_copy(tiny, tmp_path, "original.safetensors")))  # SD v1.4's configs
     with pytest.raises(Hw2Error, match="does not exist"):
         sd_v1.load_sd_pipeline(str(tmp_path / "missing" / "model.ckpt"))
 

@@ -32,7 +32,7 @@ from transformers import (
 
 from p2_ddim import DIFFUSERS_DDIM_CONFIG
 from p2_unet import FaceUNet
-from p3_clip_zeroshot import TINY_CLIP_DIR, TINY_CLIP_NAME
+from p3_clip_models import TINY_CLIP_DIR, TINY_CLIP_NAME
 from sd_v1 import clip_bpe_tokenizer
 from utils import TOY_MARKER, Hw2Error, atomic_dir, run_cli
 

@@ -158,7 +158,7 @@ def expand_placeholder(text, token, num_vectors):
 def add_placeholder_tokens(tokenizer, text_encoder, token, num_vectors, init_text):
     """Add the concept's tokens, grow the embedding table, and start each new row at the init text's embedding.
 
-    A one-token init text gives that token's row (the paper's choice); a longer one ("David Revoltella") gives
+    A one-token init text gives that token's row (the paper's choice); a longer one ("David Revoy") gives
     the mean of its tokens' rows. Returns the new rows' ids.
     """
     vocab = tokenizer.get_vocab()

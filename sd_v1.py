@@ -292,8 +292,8 @@ def convert_single_file(path, config):
             pipe.save_pretrained(tmp)
             (tmp / STAMP_FILE).write_text(json.dumps(source_stamp(path)) + "\n")
     except OSError as err:
-        raise Hw2Error(f"cannot write the cache {cache} of {path} ({err.strerror or err}); free space there or "
-                       f"set XDG_CACHE_HOME to a folder with room") from err
+        raise Hw2Error(f"cannot write the cache {cache} of {path} ({err.strerror or err}); it needs as much free "
+                       f"space as the weights") from err
     print(f"Converted {path} once to {cache}; later runs load that copy while {path.name} is unchanged.")
     return pipe
 
@@ -343,7 +343,8 @@ def load_sd_pipeline(model, dtype=torch.float32, config=SD_V1_CONFIG):
             pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = "offline, pass a local diffusers folder or the .ckpt file" if not path.exists() else "is it SD v1?"
+        hint = ("offline, pass a local diffusers folder or the .ckpt file" if not path.exists() else
+                "pass a Stable Diffusion v1 diffusers folder, .ckpt or .safetensors file")
         raise Hw2Error(f"cannot load Stable Diffusion from {model} ({reason}); {hint}") from err
     pipe.set_progress_bar_config(disable=True)
     return pipe

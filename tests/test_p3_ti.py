@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def train_args(*extra):
 def test_toy_tokenizer_gives_open_clip_ids(toy_sd):
     tokenizer = CLIPTokenizer.from_pretrained(toy_sd / "tokenizer")
     reference = open_clip.get_tokenizer("ViT-B-32")
-    texts = ["A <new1> standing on a beach at sunset.", "The streets of Paris in the style of David Revoltella!",
+    texts = ["A <new1> standing on a beach at sunset.", "The streets of Paris in the style of David Revoy!",
              "héllo wörld 123, it's a dog's life", "a " * 100]
     ours = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     theirs = reference(texts)
@@ -403,6 +404,21 @@ def test_smoke_train_generate_score(toy_world, ti_dir, tmp_path):
             (key, printed, (clip_i, clip_t, verdict))
     passes = sum(verdict == "PASS" for _, _, verdict in expected.values())
     assert f"passed {passes}/4 " in result.stdout
+
+
+def test_hw2_3_sh_runs_generate_from_another_working_folder(ti_dir, toy_sd, random_embeds, tmp_path):
+    shutil.copy(ti_dir / "input.json", tmp_path / "input.json")  # relative paths, taken from the caller's folder
+    env = {**ENV, "HW2_P3_EMBEDS": str(random_embeds), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO / "hw2_3.sh"), "input.json", "out", str(toy_sd), "--steps", "1",
+                             "--num-images", "1", "--device", "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    written = sorted(path.relative_to(tmp_path / "out").as_posix() for path in (tmp_path / "out").rglob("*"))
+    assert written == ["0", "0/0", "0/0/source0_prompt0_0.png", "0/1", "0/1/source0_prompt1_0.png",
+                       "1", "1/0", "1/0/source1_prompt0_0.png", "1/1", "1/1/source1_prompt1_0.png"], written
+    result = subprocess.run(["bash", str(REPO / "hw2_3.sh"), "input.json"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("usage: bash hw2_3.sh INPUT_JSON")
 
 
 def test_cli_reports_a_user_error_as_one_line(ti_dir, tmp_path, capsys):

@@ -302,7 +302,7 @@ def check_tokens(pipe, prompts, source):
     missing = sorted({t for p in prompts for t in TOKEN_PATTERN.findall(p)} - set(pipe.tokenizer.get_vocab()))
     if missing:
         raise Hw2Error(f"{source} uses {', '.join(missing)} but no loaded embedding file provides it; "
-                       f"pass the matching learned_embeds.safetensors with --embeds")
+                       f"pass the files learned for those tokens")
 
 
 def load_embeds(pipe, files):

@@ -40,7 +40,10 @@ import p1_train
 import p2_ddim
 import p2_interpolate
 import p3_clip_zeroshot
+import p3_concepts
+import p3_score
 import p3_textual_inversion
+import sd_v1
 from p1_model import DATASETS, NUM_DIGITS
 from utils import (
     TOY_MARKER,
@@ -395,7 +398,7 @@ def image_number(path):
 def grid_of_prompts(folders, path, per_prompt=TI_GRID_IMAGES):
     """One row per prompt folder: its images 0 .. per_prompt - 1."""
     paths = [image for folder in folders
-             for image in sorted(p3_textual_inversion.list_images(folder), key=image_number)[:per_prompt]]
+             for image in sorted(p3_concepts.list_images(folder), key=image_number)[:per_prompt]]
     save_grid(load_images(paths), path, nrow=per_prompt)
     return path
 
@@ -412,12 +415,12 @@ def multi_prompt(template, tokens):
 def p3_ti_part(context):
     args = context.args
     input_json = require(context.data / "textual_inversion" / "input.json", "input.json", "download the data")
-    entries = p3_textual_inversion.read_input_json(input_json, p3_textual_inversion.INPUT_FIELDS)
+    entries = p3_concepts.read_input_json(input_json, p3_concepts.INPUT_FIELDS)
     tokens = [entry["token_name"] for entry in entries.values()]
     multi_prompts = []  # checked before any work; none when input.json has a single concept
     if len(tokens) >= 2:
         multi_prompts = [multi_prompt(template, tokens) for template in args.multi_prompt or MULTI_PROMPTS]
-    model = args.sd_model or p3_textual_inversion.default_model(input_json)
+    model = args.sd_model or sd_v1.default_model(input_json)
     context.model("P3 Stable Diffusion", model if Path(model).exists() else f"hub id {model}")
     embeds = ti_embeddings(context, input_json, model)
     for path in p3_textual_inversion.find_embeds([embeds]):
@@ -429,18 +432,18 @@ def p3_ti_part(context):
                                *common])
     score_argv = ["score", str(input_json), str(generated), *context.device_flag()]
     score_argv += ["--clip", args.ti_clip] if args.ti_clip else []
-    jobs = p3_textual_inversion.output_jobs(entries, generated, None)  # (folder, stem, prompt, seed index)
-    scores = p3_textual_inversion.main(score_argv)  # one dict per (concept, prompt), in the jobs' order
-    score_rows = [[row["concept"], code(prompt), f"{row['clip_i']:.2f}", row["baseline_i"], f"{row['clip_t']:.2f}",
-                   row["baseline_t"], "PASS" if row["passed"] else "FAIL"]
+    jobs = p3_concepts.output_jobs(entries, generated, None)  # (folder, stem, prompt, seed index)
+    scores = p3_textual_inversion.main(score_argv)  # one PromptScore per (concept, prompt), in the jobs' order
+    score_rows = [[row.concept, code(prompt), f"{row.clip_i:.2f}", row.baseline_i, f"{row.clip_t:.2f}",
+                   row.baseline_t, "PASS" if row.passed else "FAIL"]
                   for (_, _, prompt, _), row in zip(jobs, scores)]
     grid = grid_of_prompts([folder for folder, _, _, _ in jobs], out / "p3_ti_grid.png")
 
     lines = [f"Stable Diffusion `{model}` with the learned embeddings under `{embeds}`; "
              f"images written by `p3_textual_inversion.py generate` to `{generated.relative_to(context.out)}/`.", "",
              "### CLIP scores against the baselines", "",
-             f"The grader's formula: of the {p3_textual_inversion.GRADER_IMAGES} images per prompt, the "
-             f"{p3_textual_inversion.GRADER_TOP_K} with the highest CLIP-I + {p3_textual_inversion.GRADER_TEXT_WEIGHT} "
+             f"The grader's formula: of the {p3_concepts.GRADER_IMAGES} images per prompt, the "
+             f"{p3_score.GRADER_TOP_K} with the highest CLIP-I + {p3_score.GRADER_TEXT_WEIGHT} "
              f"CLIP-T; their mean CLIP-I (against the concept's photos) and CLIP-T (against `prompt_4_clip_eval`).", "",
              table(["concept", "prompt", "CLIP-I", "baseline", "CLIP-T", "baseline", "result"], score_rows), "",
              f"### {TI_GRID_IMAGES} images per prompt", "",
@@ -454,7 +457,7 @@ def p3_ti_part(context):
         p3_textual_inversion.main(["generate", str(input_json), str(multi), str(model), "--embeds", str(embeds),
                                    "--num-images", str(TI_GRID_IMAGES), *[x for p in multi_prompts
                                                                           for x in ("--prompt", p)], *common])
-        multi_jobs = p3_textual_inversion.output_jobs(entries, multi, multi_prompts)
+        multi_jobs = p3_concepts.output_jobs(entries, multi, multi_prompts)
         multi_grid = grid_of_prompts([folder for folder, _, _, _ in multi_jobs], out / "p3_ti_multi.png")
         lines += ["One row per prompt: " + "; ".join(f"{k + 1}. {code(p)}" for k, p in enumerate(multi_prompts)) + ".",
                   "", figure(context.out, multi_grid, "multi-concept images"), "",

@@ -14,30 +14,26 @@ On a toy world (`toy_data.py`) the default model is its tiny random-weight CLIP,
 
 import argparse
 import csv
-import difflib
 import io
 import json
-import logging
 import os
 import re
 import string
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from p3_clip_models import DEFAULT_MODEL, DEFAULT_PRETRAINED, activation, load_clip, resolve_model
 from utils import (
     Hw2Error,
     announce_toy_world,
     atomic_write_text,
     autocast,
-    find_toy_root,
     get_device,
     load_rgb,
     run_cli,
@@ -45,10 +41,6 @@ from utils import (
     seed_everything,
 )
 
-TINY_CLIP_DIR = Path("toy_models") / "open_clip"  # a toy world's tiny CLIP (toy_data.build_tiny_clip): config JSON
-TINY_CLIP_NAME = "toy-tiny-clip"  # and .safetensors weights, both named after the model
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "openai"
 LOGIT_SCALE = 100.0  # CLIP's learned temperature ends at its clamp, exp(4.6052) = 100; fixed here as in the paper
 TOP_K = 5
 IMAGE_NAME = re.compile(r"(\d+)_(\d+)\.png")  # val/{class_id}_{idx}.png
@@ -185,75 +177,6 @@ def make_loader(paths, preprocess, batch_size, workers, device):
 
 
 # ------------------------------------------------------------------------------------------ model
-
-
-@contextmanager
-def quiet_logging():
-    """open_clip logs its errors on the root logger before raising them; we report the raised error once."""
-    logging.disable(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def register_config(path):
-    """Add an open_clip model config JSON to open_clip's registry; its model name is the file's stem."""
-    path = Path(path)
-    if not path.is_file():
-        raise Hw2Error(f"model config {path} not found: pass --model NAME (e.g. {DEFAULT_MODEL}) "
-                       f"or the path of an open_clip config JSON")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise Hw2Error(f"model config {path} is not valid JSON ({err})") from err
-    if not (isinstance(config, dict) and all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg"))):
-        raise Hw2Error(f"{path} is not an open_clip model config: it needs embed_dim, vision_cfg and text_cfg")
-    open_clip.add_model_config(path)
-    return path.stem
-
-
-def resolve_model(model, pretrained, data):
-    """(open_clip model name, pretrained tag or weights file) from the flags; None picks the defaults.
-
-    The default model is ViT-B-32 with OpenAI's weights, or the toy world's tiny CLIP when --data is in one.
-    A config JSON is registered with open_clip; its default weights are the `.safetensors` file beside it.
-    """
-    if model is None:
-        toy_root = find_toy_root(data)
-        model = str(toy_root / TINY_CLIP_DIR / f"{TINY_CLIP_NAME}.json") if toy_root else DEFAULT_MODEL
-    if model.endswith(".json"):
-        name = register_config(model)
-        weights = Path(model).with_suffix(".safetensors")
-        if pretrained is None and not weights.is_file():
-            raise Hw2Error(f"no weights {weights} beside --model {model}: pass --pretrained PATH")
-        pretrained = pretrained or str(weights)
-    else:
-        name = model
-        if name not in open_clip.list_models():
-            close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
-            hint = f"close names: {', '.join(close)}" if close else "open_clip.list_models() lists them"
-            raise Hw2Error(f"unknown --model {name!r} ({hint}); a path to an open_clip config JSON also works")
-        pretrained = pretrained or DEFAULT_PRETRAINED
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained not in tags and not Path(pretrained).is_file():
-        known = f"its tags: {', '.join(tags)}" if tags else f"{name} has no published tags"
-        raise Hw2Error(f"--pretrained {pretrained!r} is neither a weights file nor a pretrained tag of {name} "
-                       f"({known})")
-    return name, pretrained
-
-
-def load_clip(name, pretrained, device):
-    """open_clip model (eval mode), its own evaluation preprocessing and its tokenizer."""
-    try:
-        with quiet_logging():
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-    except Exception as err:  # download, unpickling, shape or key mismatch: open_clip raises many kinds
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = ("; tags are downloaded from the Hugging Face hub on first use (internet needed once), "
-                "or pass --pretrained PATH to a local weights file") if not Path(pretrained).is_file() else ""
-        raise Hw2Error(f"cannot load --pretrained {pretrained!r} into {name}: {reason}{hint}") from err
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
 # ----------------------------------------------------------------------------------- zero-shot math
@@ -409,11 +332,11 @@ def main(argv=None):
     labels = torch.tensor([column[class_id] for class_id in class_ids])
     names = list(id2label.values())
     templates = load_templates(args.prompts)
-    name, pretrained = resolve_model(args.model, args.pretrained, args.data)
+    name, pretrained, quick_gelu = resolve_model(args.model, args.pretrained, args.data, args.quick_gelu)
 
-    model, preprocess, tokenizer = load_clip(name, pretrained, device)
-    print(f"Model {name} ({pretrained}) on {device}; {len(names)} classes x {len(templates)} template(s); "
-          f"{len(paths)} images.")
+    model, preprocess, tokenizer = load_clip(name, pretrained, device, quick_gelu)
+    print(f"Model {name}, weights {pretrained or 'of its own'}, {activation(model)} activation, on {device}; "
+          f"{len(names)} classes x {len(templates)} template(s); {len(paths)} images.")
     if toy:
         print(f"The toy CLIP has random weights, so its accuracy is chance level (1/{len(names)} = "
               f"{100 / len(names):.1f}% on average; a random model often predicts one or two classes for "
@@ -437,7 +360,8 @@ def main(argv=None):
     metrics = {
         "accuracy": int(correct.sum()) / len(correct), "correct": int(correct.sum()), "total": len(correct),
         "top5_accuracy": int(top5_correct.sum()) / len(correct),
-        "model": name, "pretrained": pretrained, "prompts": args.prompts, "templates": templates,
+        "model": name, "pretrained": pretrained, "activation": activation(model), "prompts": args.prompts,
+        "templates": templates,
         "per_class_accuracy": {row[0]: row[1] / row[2] for row in rows},
         "cases": {"successes": [paths[i].name for i in successes], "failures": [paths[i].name for i in failures]},
     }
@@ -451,12 +375,16 @@ def build_parser():
                         help="Folder with id2label.json and val/{class_id}_{idx}.png "
                              "(default: hw2_data/clip_zeroshot).")
     parser.add_argument("--model", type=str, default=None,
-                        help=f"An open_clip model name (see open_clip.list_models()) or the path of an open_clip "
-                             f"config JSON (default: {DEFAULT_MODEL}, or the toy world's tiny CLIP on a toy world).")
+                        help=f"An open_clip model name (see open_clip.list_models()), the path of an open_clip "
+                             f"config JSON, hf-hub:ORG/REPO or local-dir:FOLDER (default: {DEFAULT_MODEL}, or the "
+                             f"toy world's tiny CLIP on a toy world).")
     parser.add_argument("--pretrained", type=str, default=None,
                         help=f"An open_clip pretrained tag of --model (e.g. openai, laion2b_s34b_b79k; downloaded "
-                             f"once) or a local weights file (default: {DEFAULT_PRETRAINED}, or the .safetensors "
-                             f"file beside a config JSON).")
+                             f"once) or a local weights file, OpenAI's TorchScript ViT-B-32.pt included (default: "
+                             f"{DEFAULT_PRETRAINED}, or the .safetensors file beside a config JSON).")
+    parser.add_argument("--quick-gelu", action="store_true",
+                        help="Build the model with QuickGELU, for a weights file trained with it such as OpenAI's "
+                             "(a pretrained tag or a -quickgelu model name sets it already).")
     parser.add_argument("--prompts", type=str, default="single",
                         help="'single' ('a photo of a {}.'), 'ensemble' (CLIP's 18 CIFAR-100 templates) or a text "
                              "file with one template per line, each with {} for the class name (default: single).")

@@ -8,7 +8,6 @@ A `TOY` marker file at the root tells every script that it runs on a toy world.
 """
 
 import argparse
-import gzip
 import json
 import tempfile
 import time
@@ -29,12 +28,12 @@ from transformers import (
     CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
 )
 
 from p2_ddim import DIFFUSERS_DDIM_CONFIG
 from p2_unet import FaceUNet
-from p3_clip_zeroshot import TINY_CLIP_DIR, TINY_CLIP_NAME
+from p3_clip_models import TINY_CLIP_DIR, TINY_CLIP_NAME
+from sd_v1 import clip_bpe_tokenizer
 from utils import TOY_MARKER, Hw2Error, atomic_dir, run_cli
 
 # ------------------------------------------------------------------------------------- sample photos
@@ -317,27 +316,6 @@ CLIP_CONTEXT_LENGTH = 77
 # SD v1's noise schedule (its scheduler_config.json), here with DDIM instead of PNDM for few-step sampling
 SD_V1_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "steps_offset": 1}
-
-
-def clip_bpe_tokenizer(folder):
-    """CLIP's tokenizer (the one SD v1 uses), rebuilt offline from the BPE merges that open_clip ships.
-
-    The vocabulary is open_clip's own construction: the 256 byte symbols, the same with `</w>`, the first
-    48,894 merges joined, then the two special tokens (49,408 entries). `vocab.json` and `merges.txt` are
-    written to `folder`. The ids equal open_clip's, except that padding is `<|endoftext|>` (open_clip pads with 0).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with gzip.open(open_clip.tokenizer.default_bpe(), "rt", encoding="utf-8") as handle:
-        merges = handle.read().split("\n")[1:49152 - 256 - 2 + 1]
-    symbols = list(open_clip.tokenizer.bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({token: idx for idx, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    # without model_max_length, transformers 5 overflows on padding="max_length"
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                         model_max_length=CLIP_CONTEXT_LENGTH)
 
 
 def tiny_text_config(hidden_size, vocab_size):

@@ -28,45 +28,19 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
 import p3_textual_inversion as ti
-from toy_data import SD_V1_SCHEDULE, TINY_SD_DIR, build_tiny_sd, clip_bpe_tokenizer
+from p3_concepts import add_placeholder_tokens, sample_images
+from sd_v1 import SD_V1_CONFIG, load_sd_pipeline, random_pipeline
+from toy_data import TINY_SD_DIR, build_tiny_sd
 from utils import Hw2Error, get_device, run_cli, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
-SD14_RESOLUTION = 512
-
-
-def sd14_config_pipeline():
-    """Stable Diffusion v1.4's architecture (860 M UNet, 84 M VAE, 123 M CLIP ViT-L/14 text encoder), random weights."""
-    unet = UNet2DConditionModel(sample_size=SD14_RESOLUTION // 8, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4,
-                        sample_size=SD14_RESOLUTION)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                num_attention_heads=12, max_position_embeddings=77,
-                                                vocab_size=49408, hidden_act="quick_gelu"))
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = clip_bpe_tokenizer(tmp)
-    scheduler = PNDMScheduler(**SD_V1_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def load_bench_pipeline(model, dtype=torch.float32):
-    return sd14_config_pipeline().to(dtype=dtype) if model == "sd14-config" else ti.load_pipeline(model, dtype)
+    return random_pipeline(SD_V1_CONFIG).to(dtype=dtype) if model == "sd14-config" else load_sd_pipeline(model, dtype)
 
 
 def synchronize(device):
@@ -112,7 +86,7 @@ def train_worker(job):
     seed_everything(0)
     pipe = load_bench_pipeline(job["model"])
     resolution = job["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    new_ids = ti.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<bench>", 1, "dog")
+    new_ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<bench>", 1, "dog")
     embedding, autocast, scaler = ti.prepare_for_training(pipe, device, job["mixed_precision"], job["checkpointing"])
     original = embedding.weight.detach().clone()
     optimizer = torch.optim.AdamW([embedding.weight], lr=1e-3)
@@ -145,17 +119,17 @@ def train_worker(job):
 
 
 def generate_worker(job):
-    """Images/s of p3_textual_inversion.sample_images (DPM-Solver++, the generate default)."""
+    """Images/s of p3_concepts.sample_images (DPM-Solver++, the generate default)."""
     device = torch.device(job["device"])
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # what generate uses
     pipe = load_bench_pipeline(job["model"], dtype).to(device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     seeds = list(range(job["batch_size"]))
-    ti.sample_images(pipe, "a photo of a dog", seeds, 2, 7.5, job["resolution"])  # warm-up
+    sample_images(pipe, "a photo of a dog", seeds, 2, 7.5, job["resolution"])  # warm-up
     synchronize(device)
     start = time.perf_counter()
     for _ in range(job["repeats"]):
-        ti.sample_images(pipe, "a photo of a dog", seeds, job["steps"], 7.5, job["resolution"])
+        sample_images(pipe, "a photo of a dog", seeds, job["steps"], 7.5, job["resolution"])
     synchronize(device)
     return {"images_per_s": job["repeats"] * job["batch_size"] / (time.perf_counter() - start)}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+import p3_clip_models as models
 import p3_clip_zeroshot as p3
 from toy_data import build_clip_zeroshot, build_tiny_clip
 from utils import autocast, get_device, run_cli, seed_everything
@@ -86,12 +87,13 @@ def main(argv=None):
         paths, _ = p3.list_images(root / "clip_zeroshot", id2label)
         classnames = [p3.clean_class_name(name) for name in id2label.values()]
 
-        name, pretrained = p3.resolve_model(str(root / p3.TINY_CLIP_DIR / f"{p3.TINY_CLIP_NAME}.json"), None, root)
-        model, preprocess, tokenizer = p3.load_clip(name, pretrained, device)
+        config = root / models.TINY_CLIP_DIR / f"{models.TINY_CLIP_NAME}.json"
+        name, pretrained, quick_gelu = models.resolve_model(str(config), None, root)
+        model, preprocess, tokenizer = models.load_clip(name, pretrained, device, quick_gelu)
         rows.append(bench_model(f"tiny toy CLIP ({model.visual.image_size[0]} px)", model, preprocess, tokenizer,
                                 paths, classnames, templates, args.repeats, args, device))
 
-        with p3.quiet_logging():  # open_clip warns that the weights are random: that is the point here
+        with models.quiet_logging():  # open_clip warns that the weights are random: that is the point here
             model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
         rows.append(bench_model("ViT-B-32, random weights (224 px)", model, preprocess,
                                 open_clip.get_tokenizer("ViT-B-32"), paths[:args.vit_images], classnames, templates,

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import p3_clip_models as models
 import p3_clip_zeroshot as p3
 import toy_data
 from utils import Hw2Error, run_cli
@@ -29,15 +30,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(toy_world):
     """The toy world's tiny CLIP, loaded the way the script loads it, and the toy data."""
     data = toy_world / "clip_zeroshot"
-    name, pretrained = p3.resolve_model(None, None, data)
-    model, preprocess, tokenizer = p3.load_clip(name, pretrained, torch.device("cpu"))
+    name, pretrained, quick_gelu = models.resolve_model(None, None, data)
+    model, preprocess, tokenizer = models.load_clip(name, pretrained, torch.device("cpu"), quick_gelu)
     id2label = p3.read_id2label(data)
     paths, class_ids = p3.list_images(data, id2label)
     return model, preprocess, tokenizer, list(id2label.values()), paths, class_ids
 
 
 def toy_model_flags(toy_world):
-    config = toy_world / p3.TINY_CLIP_DIR / f"{p3.TINY_CLIP_NAME}.json"
+    config = toy_world / models.TINY_CLIP_DIR / f"{models.TINY_CLIP_NAME}.json"
     return ["--model", str(config), "--pretrained", str(config.with_suffix(".safetensors"))]
 
 
@@ -50,13 +51,13 @@ def copy_data(toy_world, tmp_path):
 
 
 def test_tiny_clip_is_seeded_and_loads_offline(toy_world, tmp_path):
-    weights = Path(p3.TINY_CLIP_DIR) / f"{p3.TINY_CLIP_NAME}.safetensors"
+    weights = Path(models.TINY_CLIP_DIR) / f"{models.TINY_CLIP_NAME}.safetensors"
     toy_data.build_tiny_clip(tmp_path / "same", 0)
     toy_data.build_tiny_clip(tmp_path / "other", 1)
     assert (tmp_path / "same" / weights).read_bytes() == (toy_world / weights).read_bytes()
     assert (tmp_path / "other" / weights).read_bytes() != (toy_world / weights).read_bytes()
-    name, pretrained = p3.resolve_model(None, None, toy_world / "clip_zeroshot")  # the toy world's default
-    assert (name, Path(pretrained)) == (p3.TINY_CLIP_NAME, toy_world / weights)
+    name, pretrained, quick_gelu = models.resolve_model(None, None, toy_world / "clip_zeroshot")  # the default
+    assert (name, Path(pretrained), quick_gelu) == (models.TINY_CLIP_NAME, toy_world / weights, False)
     assert name in open_clip.list_models()
 
 
@@ -203,7 +204,7 @@ def test_unknown_model_lists_close_names(toy_world):
 
 
 def test_missing_pretrained_file(toy_world, tmp_path):
-    config = toy_world / p3.TINY_CLIP_DIR / f"{p3.TINY_CLIP_NAME}.json"
+    config = toy_world / models.TINY_CLIP_DIR / f"{models.TINY_CLIP_NAME}.json"
     missing = tmp_path / "nowhere.safetensors"
     with pytest.raises(Hw2Error, match="neither a weights file nor a pretrained tag"):
         p3.main(["--data", str(toy_world / "clip_zeroshot"), "--model", str(config), "--pretrained", str(missing)])
@@ -211,7 +212,7 @@ def test_missing_pretrained_file(toy_world, tmp_path):
         p3.main(["--data", str(toy_world / "clip_zeroshot"), "--model", "ViT-B-32", "--pretrained", str(missing)])
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not weights")
-    with pytest.raises(Hw2Error, match="cannot load --pretrained .*broken.safetensors"):
+    with pytest.raises(Hw2Error, match="cannot load toy-tiny-clip with weights .*broken.safetensors"):
         p3.main(["--data", str(toy_world / "clip_zeroshot"), "--model", str(config), "--pretrained", str(broken)])
     with pytest.raises(Hw2Error, match="model config .*nowhere.json not found"):
         p3.main(["--data", str(toy_world / "clip_zeroshot"), "--model", str(tmp_path / "nowhere.json")])

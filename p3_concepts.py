@@ -1,0 +1,382 @@
+"""What every P3 personalization method shares: concepts, new tokens, the diffusion loss, the grader's layout.
+
+Textual inversion (p3_textual_inversion.py) and Custom Diffusion (p3_custom_diffusion.py) both
+- read the course's input.json and each concept's photos (`read_input_json`, `load_concept_images`),
+- train on random crops of those photos with a prompt template around a new token (`sample_batch`),
+- add that token to CLIP's tokenizer, start its embedding at a known word and keep every other row frozen
+  (`add_placeholder_tokens`, `restore_frozen_rows`),
+- minimise the latent diffusion loss || eps - eps_theta(z_t, t, c) ||^2 (`denoising_loss`),
+- and write the grader's layout OUT_DIR/{concept}/{prompt}/source{c}_prompt{p}_{i}.png, 25 images per prompt
+  folder, each folder written atomically (`output_jobs`, `generate_folders`).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+from safetensors.torch import save as safetensors_save
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from utils import Hw2Error, atomic_dir, atomic_write_bytes, atomic_write_text, load_rgb, save_png
+
+INPUT_FIELDS = ("token_name", "src_image", "prompt", "prompt_4_clip_eval", "baseline")
+TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")  # placeholder tokens in prompts: "<new1>"
+UNSAFE_FILE_CHARACTERS = re.compile(r'[<>:"/\\|?*\s]')  # refused in file names on some systems
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+GRADER_IMAGES = 25  # the grader refuses any other count per prompt folder
+# random square crops covering this fraction of the (pre-resized) photo's area: an object should stay mostly
+# in frame; a style is a texture, so smaller crops still show it
+CROP_SCALE = {"object": (0.7, 1.0), "style": (0.4, 1.0)}
+PRE_RESIZE = 1.25  # photos are first resized to 1.25x the training resolution (short side) so crops stay sharp
+SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "dpm": DPMSolverMultistepScheduler}
+
+# The prompt templates of the textual-inversion paper's code (rinongal/textual_inversion, also used by diffusers).
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}",
+    "a cropped painting in the style of {}", "a good painting in the style of {}",
+    "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
+]
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+# ------------------------------------------------------------------------------------------------ input.json
+
+
+def read_input_json(path, fields):
+    """input.json as {concept: entry}; every entry must hold `fields`, with one prompt per eval prompt/baseline."""
+    path = Path(path)
+    if not path.is_file():
+        raise Hw2Error(f"input.json not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise Hw2Error(f"{path} is not valid JSON ({err}); pass the course's input.json") from err
+    if not isinstance(data, dict) or not data:
+        raise Hw2Error(f"{path} must map concept folders (\"0\", \"1\", ...) to entries; it holds no concept")
+    for concept, entry in data.items():
+        missing = [field for field in fields if not isinstance(entry, dict) or field not in entry]
+        if missing:
+            raise Hw2Error(f"{path}: concept {concept!r} lacks the field(s) {', '.join(missing)}")
+        if not isinstance(entry["token_name"], str) or not TOKEN_PATTERN.fullmatch(entry["token_name"]):
+            raise Hw2Error(f"{path}: concept {concept!r} has token_name {entry['token_name']!r}; "
+                           f"use a word in angle brackets such as \"<new1>\"")
+        if not isinstance(entry["prompt"], list) or not all(isinstance(p, str) for p in entry["prompt"]):
+            raise Hw2Error(f"{path}: concept {concept!r} needs \"prompt\" to be a list of strings")
+        for field in ("prompt_4_clip_eval", "baseline"):
+            if field in fields and (not isinstance(entry[field], list) or len(entry[field]) != len(entry["prompt"])):
+                raise Hw2Error(f"{path}: concept {concept!r} needs one {field} entry per prompt "
+                               f"({len(entry['prompt'])})")
+        if "baseline" in fields and not all(isinstance(b, list) and len(b) == 2 for b in entry["baseline"]):
+            raise Hw2Error(f"{path}: concept {concept!r} needs each baseline to be [CLIP-I, CLIP-T]")
+    return data
+
+
+def concept_property(entry):
+    """'style' when the concept's prompts use its token as "in the style of <token>", else 'object'."""
+    style = re.compile(r"style\s+of\s+" + re.escape(entry["token_name"]), re.IGNORECASE)
+    return "style" if any(style.search(prompt) for prompt in entry["prompt"]) else "object"
+
+
+# ---------------------------------------------------------------------------------------------- concept photos
+
+
+def list_images(folder):
+    """The image files of `folder` (the grader's extensions), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise Hw2Error(f"image folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def concept_image_paths(folder):
+    """`list_images`, refusing a folder without any image."""
+    paths = list_images(folder)
+    if not paths:
+        raise Hw2Error(f"concept folder {folder} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def load_concept_images(folder, resolution):
+    """The concept's photos as 3 x H x W tensors in [-1, 1], short side resized to PRE_RESIZE x resolution."""
+    paths = concept_image_paths(folder)
+    side = round(resolution * PRE_RESIZE)
+    resize = v2.Compose([v2.PILToTensor(), v2.Resize(side, antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    return [resize(load_rgb(path)) * 2 - 1 for path in paths]
+
+
+def augment(image, resolution, prop):
+    """One training view of a CxHxW photo in [-1, 1]: a random square crop, resized; flipped half the time for
+    objects only (a style may not survive mirroring: writing, lighting direction)."""
+    crop = v2.RandomResizedCrop(resolution, scale=CROP_SCALE[prop], ratio=(1.0, 1.0), antialias=True)
+    image = crop(image)
+    if prop == "object" and torch.rand(()) < 0.5:
+        image = image.flip(-1)
+    return image
+
+
+def sample_batch(images, tokenizer, templates, concept_text, resolution, prop, batch_size):
+    """Random views of random photos, each with a random template around the concept's token(s)."""
+    picks = torch.randint(len(images), (batch_size,)).tolist()
+    words = torch.randint(len(templates), (batch_size,)).tolist()
+    pixels = torch.stack([augment(images[i], resolution, prop) for i in picks])  # B x 3 x res x res
+    texts = [templates[w].format(concept_text) for w in words]
+    input_ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids  # B x 77
+    return pixels, input_ids
+
+
+# ------------------------------------------------------------------------------------------------ new tokens
+
+
+def placeholder_tokens(token, num_vectors):
+    """The tokens that carry a multi-vector concept, named as diffusers does: <t>, <t>_1, ..., <t>_{N-1}."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def expand_placeholder(text, token, num_vectors):
+    """Write `token` in `text` as all its vectors' tokens (what diffusers' pipeline does at generation)."""
+    return text.replace(token, " ".join(placeholder_tokens(token, num_vectors)))
+
+
+def add_placeholder_tokens(tokenizer, text_encoder, token, num_vectors, init_text):
+    """Add the concept's tokens, grow the embedding table, and start each new row at the init text's embedding.
+
+    A one-token init text gives that token's row (the paper's choice); a longer one ("David Revoy") gives
+    the mean of its tokens' rows. Returns the new rows' ids.
+    """
+    vocab = tokenizer.get_vocab()
+    tokens = placeholder_tokens(token, num_vectors)
+    for name in tokens:
+        # "dog" is in CLIP's vocabulary as "dog</w>": adding it again would hijack the real word
+        if name in vocab or f"{name}</w>" in vocab:
+            raise Hw2Error(f"--token {token!r}: {name!r} is already in the tokenizer's vocabulary; "
+                           f"pick a new word such as \"<new1>\"")
+    init_ids = tokenizer(init_text, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise Hw2Error(f"--init-token {init_text!r} gives no token; pass a word such as \"dog\"")
+    tokenizer.add_tokens(tokens)
+    new_ids = tokenizer.convert_tokens_to_ids(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set just below
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[new_ids] = weight[init_ids].mean(0, keepdim=True)
+    return new_ids
+
+
+def restore_frozen_rows(weight, original, trainable_ids):
+    """Copy every row but `trainable_ids` back from `original`, so the rest of the vocabulary stays bit-identical.
+
+    AdamW's weight decay and the gradients of the template words would otherwise move them.
+    """
+    frozen = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    frozen[trainable_ids] = False
+    with torch.no_grad():
+        weight[frozen] = original[frozen]
+
+
+def save_learned_embeds(path, token, rows):
+    """diffusers' textual-inversion file: {token: [num_vectors, D] float32}, written atomically."""
+    atomic_write_bytes(path, safetensors_save({token: rows.detach().float().cpu().contiguous()}))
+
+
+def a1111_embedding_path(folder, token):
+    """`folder/<token>.safetensors`, the token without its angle brackets ("<new1>" -> new1.safetensors): file
+    systems refuse < and >, and AUTOMATIC1111 and ComfyUI name an embedding after its file."""
+    name = UNSAFE_FILE_CHARACTERS.sub("", token) or "embedding"
+    return Path(folder) / f"{name}.safetensors"
+
+
+def save_a1111_embedding(path, rows):
+    """The embedding file AUTOMATIC1111 and ComfyUI load: {"emb_params": [num_vectors, D] float32}, atomically."""
+    atomic_write_bytes(path, safetensors_save({"emb_params": rows.detach().float().cpu().contiguous()}))
+
+
+def slice_rows(state, ids, num_rows):
+    """Keep only rows `ids` of every [num_rows, ...] tensor in a nested optimizer state (the others are reset each
+    step anyway, and AdamW is elementwise): the saved state is a few KB instead of two copies of the vocabulary."""
+    if isinstance(state, torch.Tensor):
+        return state[ids] if state.dim() > 0 and state.shape[0] == num_rows else state
+    if isinstance(state, dict):
+        return {key: slice_rows(value, ids, num_rows) for key, value in state.items()}
+    if isinstance(state, list):
+        return [slice_rows(value, ids, num_rows) for value in state]
+    return state
+
+
+def expand_rows(state, ids, like):
+    """Inverse of `slice_rows`: put the kept rows back into zero tensors shaped like the parameter `like`."""
+    if isinstance(state, torch.Tensor):
+        if state.dim() == like.dim() and state.shape[1:] == like.shape[1:] and state.shape[0] == len(ids):
+            full = torch.zeros_like(like, dtype=state.dtype)
+            full[ids] = state.to(like.device)
+            return full
+        return state
+    if isinstance(state, dict):
+        return {key: expand_rows(value, ids, like) for key, value in state.items()}
+    if isinstance(state, list):
+        return [expand_rows(value, ids, like) for value in state]
+    return state
+
+
+def rng_state(device):
+    """torch's RNG state (CPU, and the CUDA device's), saved with a resume state."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ------------------------------------------------------------------------------------------------------ loss
+
+
+def encode_latents(vae, pixels):
+    """z_0 ~ the VAE posterior of images in [-1, 1], times the VAE's scaling factor (0.18215 for SD v1)."""
+    with torch.no_grad():
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+
+
+def diffusion_target(noise_scheduler, z_0, eps, t):
+    """What the UNet predicts under the model's own parameterisation: eps, v = sqrt(a) eps - sqrt(1-a) z_0, or z_0."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return eps
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(z_0, eps, t)
+    if kind == "sample":
+        return z_0
+    raise Hw2Error(f"the model's scheduler has prediction_type {kind!r}; P3 training handles "
+                   f"epsilon, v_prediction and sample")
+
+
+def denoising_loss(unet, text_encoder, noise_scheduler, z_0, input_ids, eps, t):
+    """The latent diffusion objective (textual inversion's eq. 2): MSE between the UNet's prediction at z_t and
+    its target. z_0: B x 4 x h x w VAE latents (already x scaling_factor); eps: noise like z_0; t: B timesteps.
+    """
+    z_t = noise_scheduler.add_noise(z_0, eps, t)  # q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)
+    c = text_encoder(input_ids)[0]  # B x 77 x D, the conditioning c_theta(y)
+    prediction = unet(z_t.to(unet.dtype), t, c.to(unet.dtype)).sample
+    return F.mse_loss(prediction.float(), diffusion_target(noise_scheduler, z_0, eps, t).float())
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+def image_seed(seed, *index):
+    """A per-image seed from (seed, concept, prompt, image): an image does not depend on batch size or order."""
+    return int(np.random.SeedSequence([seed, *index]).generate_state(1)[0])
+
+
+def sample_images(pipe, prompt, seeds, steps, guidance, resolution=None):
+    """len(seeds) images of `prompt` (N x 3 x H x W in [0, 1]); image k starts from CPU noise seeded seeds[k]."""
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        return pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                    height=resolution, width=resolution, output_type="pt").images.float().cpu()
+
+
+def check_tokens(pipe, prompts, source):
+    """Every <token> in `prompts` must be in the pipeline's tokenizer (loaded from a learned-embedding file)."""
+    missing = sorted({t for p in prompts for t in TOKEN_PATTERN.findall(p)} - set(pipe.tokenizer.get_vocab()))
+    if missing:
+        raise Hw2Error(f"{source} uses {', '.join(missing)} but no loaded embedding file provides it; "
+                       f"pass the files learned for those tokens")
+
+
+def load_embeds(pipe, files):
+    """Add every learned token to the pipeline with diffusers' own loader."""
+    for path in files:
+        try:
+            pipe.load_textual_inversion(str(path))
+        except (ValueError, OSError, KeyError, RuntimeError) as err:
+            raise Hw2Error(f"cannot load embeddings {path}: {str(err).strip().splitlines()[0]}") from err
+
+
+def output_jobs(data, out_dir, free_prompts):
+    """(folder, file stem, prompt, seed index) for every prompt folder to write."""
+    if free_prompts:
+        return [(out_dir / "free" / str(k), f"free{k}", prompt, (1, k)) for k, prompt in enumerate(free_prompts)]
+    return [(out_dir / concept / str(p), f"source{concept}_prompt{p}", prompt, (0, c, p))
+            for c, (concept, entry) in enumerate(data.items()) for p, prompt in enumerate(entry["prompt"])]
+
+
+def check_destination(folder, stem):
+    """An existing prompt folder may be replaced only when it holds nothing but our own earlier images."""
+    ours = re.compile(re.escape(stem) + r"_\d+\.png|prompt\.txt")
+    if folder.exists():
+        strays = [p.name for p in folder.iterdir() if not ours.fullmatch(p.name)] if folder.is_dir() else [""]
+        if strays:
+            raise Hw2Error(f"{folder} exists and holds other files ({', '.join(strays[:3])}); "
+                           f"pass another OUT_DIR or move them away")
+
+
+def generate_folders(pipe, jobs, args):
+    """Write args.num_images images per job (see `output_jobs`), each folder atomically; returns the count.
+
+    `args` carries the sampling options added by `add_generation_arguments`."""
+    progress = tqdm(total=len(jobs) * args.num_images, desc="generate", unit="img")
+    for folder, stem, prompt, index in jobs:
+        # the prompt's images go to a temp folder that replaces `folder` (our own earlier images only, see
+        # check_destination) once all are written
+        with atomic_dir(folder) as tmp:
+            for first in range(0, args.num_images, args.batch_size):
+                batch = range(first, min(first + args.batch_size, args.num_images))
+                images = sample_images(pipe, prompt, [image_seed(args.seed, *index, i) for i in batch], args.steps,
+                                       args.guidance)
+                for i, image in zip(batch, images):
+                    save_png(image * 2 - 1, tmp / f"{stem}_{i}.png")
+                progress.update(len(batch))
+            if args.prompt:  # a free prompt's folder records its prompt; the grader's folders hold images only
+                atomic_write_text(tmp / "prompt.txt", prompt + "\n")
+    progress.close()
+    return len(jobs) * args.num_images
+
+
+def check_generation_args(args):
+    if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
+        raise Hw2Error("--num-images, --batch-size and --steps must be at least 1")
+    if args.num_images != GRADER_IMAGES and not args.prompt:
+        print(f"note: the grader needs exactly {GRADER_IMAGES} images per prompt, not {args.num_images}.")
+
+
+def set_scheduler(pipe, name):
+    """Swap in the sampler `name` (a SCHEDULERS key) built from the model's own scheduler config; 'model' keeps it."""
+    if name != "model":
+        pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+
+def add_generation_arguments(parser):
+    """The sampling options every P3 `generate` subcommand takes (read by `generate_folders`)."""
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="A free prompt instead of input.json's (repeatable), e.g. \"A <new1> next to a cat "
+                             "in the style of <new2>\"; images go to OUT_DIR/free/{k}/.")
+    parser.add_argument("--num-images", type=int, default=GRADER_IMAGES, help="Images per prompt.")
+    parser.add_argument("--steps", type=int, default=30, help="Sampling steps.")
+    parser.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale.")
+    parser.add_argument("--scheduler", choices=["model", *SCHEDULERS], default="dpm",
+                        help="Sampler: DPM-Solver++ (dpm), ddim, pndm, or the model's own.")
+    parser.add_argument("--batch-size", type=int, default=5, help="Images per pipeline call.")
+    parser.add_argument("--seed", type=int, default=0, help="Base seed; each image's seed derives from it.")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available).")

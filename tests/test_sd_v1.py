@@ -1,0 +1,184 @@
+"""sd_v1: SD v1 single files in the original layout, offline, through a guarded unpickler and a safetensors cache."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+import sd_v1
+from benchmarks.sd_v1_load_bench import architecture_summary, write_lightning_checkpoint
+from utils import Hw2Error
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# SD v1's layout (4 levels: three with cross-attention, 2 resnets per level, 3 on the way up) at a tiny width
+TINY_UNET = dict(sample_size=8, cross_attention_dim=32, attention_head_dim=2, block_out_channels=(8, 8, 16, 16),
+                 layers_per_block=2, norm_num_groups=4, up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
+TINY_VAE = dict(block_out_channels=[8, 8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, norm_num_groups=4,
+                sample_size=64)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", bos_token_id=49406,
+                 eos_token_id=49407, pad_token_id=49407)
+
+
+def write_tiny_config(folder):
+    """A diffusers pipeline folder of configs only, SD v1's files with tiny component sizes."""
+    shutil.copytree(sd_v1.SD_V1_CONFIG, folder)
+    for name, overrides in (("unet/config.json", TINY_UNET), ("vae/config.json", TINY_VAE),
+                            ("text_encoder/config.json", TINY_TEXT)):
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**config, **{k: list(v) if isinstance(v, tuple) else v
+                                                            for k, v in overrides.items()}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny SD v1 pipeline, its config folder, and its weights in the original layout as a Lightning-era
+    `model.ckpt` (a fresh copy per test: the loader writes its cache beside it)."""
+    folder = tmp_path_factory.mktemp("tiny_sd_v1")
+    config = write_tiny_config(folder / "config")
+    pipe = sd_v1.random_pipeline(config, seed=3)
+    state = sd_v1.original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
+    save_file({key: value.contiguous() for key, value in state.items()}, folder / "original.safetensors")
+    write_lightning_checkpoint(state, folder / "model.ckpt")
+    return {"pipe": pipe, "config": config, "folder": folder}
+
+
+def fresh_copy(tiny, tmp_path, name="model.ckpt"):
+    """A copy of a fixture file in `tmp_path`: the loader writes its cache beside the file it loads."""
+    shutil.copy2(tiny["folder"] / name, tmp_path / name)
+    return tmp_path / name
+
+
+def assert_same_weights(ours, theirs):
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(ours, name).state_dict(), getattr(theirs, name).state_dict()
+        assert a.keys() == b.keys(), (name, sorted(set(a) ^ set(b))[:5])
+        differ = [key for key in a if not torch.equal(a[key], b[key])]
+        assert not differ, f"{name}: {len(differ)} tensors differ after the round trip, e.g. {differ[:3]}"
+
+
+def test_our_original_layout_round_trips_bit_identically_through_diffusers_converter(tiny, tmp_path):
+    # diffusers' own converter (from_single_file) reads what our writer wrote back into the same weights
+    loaded = sd_v1.load_sd_pipeline(str(fresh_copy(tiny, tmp_path, "original.safetensors")), config=tiny["config"])
+    assert_same_weights(tiny["pipe"], loaded)
+    assert loaded.tokenizer("a <x> dog").input_ids[0] == 49406 and len(loaded.tokenizer) == 49408
+
+
+def test_lightning_ckpt_loads_offline_with_an_empty_hf_cache(tiny, tmp_path):
+    ckpt = fresh_copy(tiny, tmp_path)
+    out = tmp_path / "loaded.safetensors"
+    script = (f"import sd_v1, safetensors.torch as st; p = sd_v1.load_sd_pipeline({str(ckpt)!r}, "
+              f"config={str(tiny['config'])!r}); st.save_file({{f'{{n}}.{{k}}': v.contiguous() for n in "
+              f"('unet', 'vae', 'text_encoder') for k, v in getattr(p, n).state_dict().items()}}, {str(out)!r})")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Converted" in result.stdout
+    loaded = load_file(out)
+    for name in ("unet", "vae", "text_encoder"):
+        for key, value in getattr(tiny["pipe"], name).state_dict().items():
+            assert torch.equal(loaded[f"{name}.{key}"], value), f"{name}.{key}"
+    assert not any((tmp_path / "empty_hf_home").rglob("*.json")), "something was fetched into the HF cache"
+
+
+def test_the_cache_is_written_once_and_redone_when_the_source_changes(tiny, tmp_path, capsys):
+    ckpt = fresh_copy(tiny, tmp_path)
+    sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    cache = tmp_path / ("model.ckpt" + sd_v1.CACHE_SUFFIX)
+    assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt)
+    assert sorted(p.name for p in cache.rglob("*.safetensors")) == ["diffusion_pytorch_model.safetensors",
+                                                                    "diffusion_pytorch_model.safetensors",
+                                                                    "model.safetensors"]
+    written = (cache / sd_v1.STAMP_FILE).stat().st_mtime_ns
+    cached = sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    assert "Converted" not in capsys.readouterr().out and (cache / sd_v1.STAMP_FILE).stat().st_mtime_ns == written
+    assert_same_weights(tiny["pipe"], cached)
+    stat = ckpt.stat()
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a replaced source: the cache is redone
+    assert not sd_v1.cache_is_valid(cache, ckpt)
+    sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt)
+
+
+def test_the_cache_goes_to_the_user_cache_when_the_folder_is_read_only(tmp_path, monkeypatch):
+    source = tmp_path / "ro" / "model.ckpt"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(sd_v1.os, "access", lambda path, mode: Path(path) != source.parent)
+    path = sd_v1.cache_dir(source)
+    assert path.parent == tmp_path / "xdg" / "hw2" / "sd_v1" and path.name.startswith("model.ckpt.")
+    assert sd_v1.cache_dir(tmp_path / "other" / "model.ckpt") != path  # two sources never share a cache
+
+
+def test_a_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
+
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "callbacks": Payload()}, tmp_path / "model.ckpt")
+    with pytest.raises(Hw2Error, match=r"holds the class or function exec, which is refused"):
+        sd_v1.load_sd_pipeline(str(tmp_path / "model.ckpt"))
+    assert not marker.exists(), "the pickle ran code"
+    assert not list(tmp_path.glob("*" + sd_v1.CACHE_SUFFIX + "*")), "a cache was written for a refused file"
+
+
+def test_an_unknown_class_is_refused_with_its_name(tmp_path):
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "extra": UNet2DConditionModel}, tmp_path / "model.ckpt")
+    with pytest.raises(Hw2Error, match=r"diffusers\.\S*UNet2DConditionModel, which is refused"):
+        sd_v1.load_sd_pipeline(str(tmp_path / "model.ckpt"))
+
+
+def test_a_wrong_architecture_names_the_first_mismatching_keys(tiny, tmp_path):
+    with pytest.raises(Hw2Error, match=r"not a Stable Diffusion v1 .*\.input_blocks\.0\.0\.weight \[8, 4, 3, 3\] "
+                                       r"\(expected \[320, 4, 3, 3\]\)"):
+        sd_v1.load_sd_pipeline(str(fresh_copy(tiny, tmp_path, "original.safetensors")))  # SD v1.4's configs
+    with pytest.raises(Hw2Error, match="does not exist"):
+        sd_v1.load_sd_pipeline(str(tmp_path / "missing" / "model.ckpt"))
+
+
+def test_the_shipped_config_is_sd_v14s_architecture():
+    """Built on the meta device (no memory): SD v1.4's key names, shapes and sizes, as the original file has them."""
+    shapes = sd_v1.expected_shapes(sd_v1.SD_V1_CONFIG)
+    summary = architecture_summary({key: torch.empty(shape, device="meta") for key, shape in shapes.items()})
+    assert summary == {"unet": 686, "vae": 248, "text_encoder": 197, "unet_params": 859_520_964}, summary
+    known = {  # key names and shapes of the original sd-v1-4.ckpt (LatentDiffusion: UNetModel, AutoencoderKL, CLIP)
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+        "model.diffusion_model.time_embed.0.weight": (1280, 320),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+        "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+        "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280, 1, 1),
+        "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight": (320, 768),
+        "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+        "first_stage_model.encoder.down.0.block.0.conv1.weight": (128, 128, 3, 3),
+        "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+        "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+        "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+        "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc1.weight": (3072, 768),
+    }
+    assert {key: shapes.get(key) for key in known} == known
+    text = json.loads((sd_v1.SD_V1_CONFIG / "text_encoder" / "config.json").read_text())
+    assert (text["hidden_act"], text["hidden_size"], text["num_hidden_layers"]) == ("quick_gelu", 768, 12)
+    unet = json.loads((sd_v1.SD_V1_CONFIG / "unet" / "config.json").read_text())
+    assert (unet["cross_attention_dim"], unet["attention_head_dim"]) == (768, 8)
+    scheduler = json.loads((sd_v1.SD_V1_CONFIG / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["beta_schedule"], scheduler["beta_start"], scheduler["beta_end"]) == ("scaled_linear", 0.00085,
+                                                                                           0.012)

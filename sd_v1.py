@@ -292,8 +292,10 @@ def convert_single_file(path, config):
             pipe.save_pretrained(tmp)
             (tmp / STAMP_FILE).write_text(json.dumps(source_stamp(path)) + "\n")
     except OSError as err:
-        raise Hw2Error(f"cannot write the cache {cache} of {path} ({err.strerror or err}); it needs as much free "
-                       f"space as the weights") from err
+        # the pipeline is already in memory: a full disk or a read-only cache folder only costs the next run time
+        print(f"warning: could not write the cache {cache} of {path} ({err.strerror or err}; it needs as much free "
+              f"space as the weights); the next run converts the file again")
+        return pipe
     print(f"Converted {path} once to {cache}; later runs load that copy while {path.name} is unchanged.")
     return pipe
 

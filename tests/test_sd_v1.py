@@ -113,6 +113,20 @@ def test_the_cache_is_written_once_and_redone_when_the_source_changes(tiny, tmp_
     assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt)
 
 
+def test_a_cache_that_cannot_be_written_still_loads_the_model(tiny, tmp_path, monkeypatch, capsys):
+    """A full disk on the grading machine costs the next run a conversion, never this run's images."""
+    ckpt = fresh_copy(tiny, tmp_path)
+
+    def full_disk(pipe_self, folder, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sd_v1.StableDiffusionPipeline, "save_pretrained", full_disk)
+    loaded = sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    assert "could not write the cache" in capsys.readouterr().out
+    assert_same_weights(tiny["pipe"], loaded)
+    assert not (tmp_path / ("model.ckpt" + sd_v1.CACHE_SUFFIX)).exists(), "a half-written cache was left behind"
+
+
 def test_the_cache_goes_to_the_user_cache_when_the_folder_is_read_only(tmp_path, monkeypatch):
     source = tmp_path / "ro" / "model.ckpt"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

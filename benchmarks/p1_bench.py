@@ -17,10 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from p1_data import load_split, to_model_range  # noqa: E402
 from p1_eval import EVALUATOR_NAME, accuracy, load_evaluator, predict  # noqa: E402
 from p1_inference import find_latest_checkpoint, generate, sample_plan  # noqa: E402
 from p1_model import DATASETS, Diffusion, diffusion_loss, final  # noqa: E402
-from p1_train import DEFAULT_DATA, DEFAULT_OUT, load_model_checkpoint, load_split, to_model_range  # noqa: E402
+from p1_train import DEFAULT_DATA, DEFAULT_OUT, load_model_checkpoint  # noqa: E402
 from utils import Hw2Error, amp_dtype, atomic_write_text, autocast, get_device, run_cli, to_uint8  # noqa: E402
 
 

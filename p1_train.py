@@ -311,7 +311,8 @@ def main(argv=None):
             print(f"Resuming {args.resume} after epoch {resume_state['epoch']} with its saved config and settings.")
     else:
         name = args.preset or ("toy" if toy else "full")
-        overrides = {k: v for k, v in (("schedule", args.schedule), ("prediction", args.prediction)) if v}
+        overrides = {key: getattr(args, key) for key in ("schedule", "prediction", "dropout")
+                     if getattr(args, key) is not None}
         config = preset(name, **overrides)
         values = dict(TRAIN_PRESETS[name], limit=args.limit, seed=args.seed)
         for key in ("epochs", "batch_size", "lr", "grid_every", "guidance"):
@@ -320,6 +321,8 @@ def main(argv=None):
         settings = TrainSettings(**values)
         if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0 or settings.grid_every < 0:
             raise Hw2Error("--epochs and --batch-size must be >= 1, --grid-every >= 0 and --lr > 0")
+        if not 0 <= config.dropout < 1:
+            raise Hw2Error(f"--dropout must be in [0, 1), got {config.dropout}")
 
     if world_size > 1:
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
@@ -351,6 +354,8 @@ def build_parser():
                         help="Noise schedule, replacing the preset's (linear = the course's DDPM betas 1e-4..0.02).")
     parser.add_argument("--prediction", type=str, default=None, choices=["eps", "v"],
                         help="What the network predicts, replacing the preset's choice.")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="Dropout probability in the residual blocks, replacing the preset's (toy 0, full 0.1).")
     parser.add_argument("--epochs", type=int, default=None, help="Number of epochs; default: the preset's.")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="Images per optimizer step and process; default: the preset's.")

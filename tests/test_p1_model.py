@@ -312,27 +312,3 @@ def test_config_round_trip_and_errors():
         pm.P1Config(schedule="quadratic")
     with pytest.raises(ValueError, match="halved"):
         pm.P1Config(unshuffle=2, widths=(8, 16, 32, 64))
-
-
-@pytest.mark.parametrize("schedule,prediction", [("linear", "eps"), ("cosine", "v")])
-def test_loss_is_finite_and_learns(schedule, prediction):
-    """A few AdamW steps on one fixed batch reduce the loss (course schedule and the toy preset's)."""
-    torch.manual_seed(0)
-    config = pm.P1Config(unshuffle=2, widths=(16, 32), blocks_per_level=1, embed_dim=32, schedule=schedule,
-                         prediction=prediction)
-    model = pm.Diffusion(config)
-    x0 = torch.rand(8, 3, 28, 28) * 2 - 1
-    digit, dataset = torch.arange(8) % 10, torch.arange(8) % 2
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-
-    def fixed_loss():
-        return model.loss(x0, digit, dataset, torch.Generator().manual_seed(0))
-
-    before = fixed_loss().item()
-    for _ in range(15):
-        loss = model.loss(x0, digit, dataset)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    after = fixed_loss().item()
-    assert math.isfinite(before) and after < before, f"loss {before:.4f} -> {after:.4f}"

@@ -238,10 +238,10 @@ def test_benchmark_runs_end_to_end(toy_world, tiny_checkpoint, tmp_path, one_tor
     report = tmp_path / "bench.md"
     text = p1_bench.main(["--ckpt", str(tiny_checkpoint), "--data", str(toy_world / "digits"), "--evaluator",
                           str(evaluator), "--train-images", "8", "--batch-size", "4", "--train-steps", "1",
-                          "--train-repeats", "1", "--speed-images", "1", "--runs", "ddim:2:0:1,ddim:2:5:1",
+                          "--repeats", "1", "--speed-images", "1", "--runs", "ddim:2:0:1,ddim:2:5:1",
                           "--report", str(report), "--device", "cpu"])
     assert report.read_text() == text
     assert "fp32" in text and "images/s" in text
-    for row in ("| DDPM-1000 (guided, w = 5.0) |", "| DDIM-25 (guided, w = 5.0) |", "| DDIM-2 | 0 | 10 |",
-                "| DDIM-2 | 5 | 10 |"):
+    assert "Sampling 1 images per call (guided, w = 5.0), median of 1:" in text
+    for row in ("| DDPM-1000 |", "| DDIM-25 |", "| DDIM-2 | 0 | 10 |", "| DDIM-2 | 5 | 10 |"):
         assert row in text

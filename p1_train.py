@@ -6,13 +6,15 @@
 
 Data: the union of `digits/mnistm` and `digits/svhn` (train.csv, header image_name,label), each sample an image
 in [-1, 1], its digit and its dataset id (0 = mnistm, 1 = svhn). No flips: digits are not mirror-symmetric.
-The whole training set is held in one uint8 tensor; batches are gathered from it (no DataLoader workers).
+The images are decoded once into a uint8 cache under `--out`/cache that every rank memory-maps (p1_data.py);
+batches are gathered from it (no DataLoader workers). The default paths are relative to this file's folder.
 
-Each epoch ends with an atomic checkpoint (model, EMA, optimizer, LR schedule, grad scaler, epoch/step, RNG
-states, config), so a kill loses at most the current epoch and `--resume` continues exactly: the data order
-and the diffusion noise of an epoch are functions of (seed, epoch, rank) only. Samples come from the EMA weights.
-The loss runs under bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing) and on CPUs with native bf16
-(AVX512-BF16 or AMX), fp32 elsewhere.
+Each epoch ends with an atomic checkpoint (model, EMA, optimizer, LR schedule, grad scaler, epoch/step, every
+rank's random states, config), so a kill loses at most the current epoch and `--resume` continues exactly: the
+data order and the diffusion noise of an epoch are functions of (seed, epoch, rank) only, and each rank gets its
+own dropout stream back (on GPUs with `--deterministic` kernels). Samples come from the EMA weights. The loss runs
+under bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing) and on CPUs with native bf16 (AVX512-BF16
+or AMX), fp32 elsewhere; it is read back to the host every LOG_EVERY steps only.
 """
 
 import argparse

@@ -2,7 +2,7 @@
 
 Used by p1_train.py, p1_inference.py and benchmarks/p1_bench.py; the tests call the pure functions directly:
 
-    python -m pytest -q tests/test_p1_model.py
+    python -m pytest -q tests/test_p1_model.py tests/test_p1_oracle.py
 
 Notation (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"):
     beta_t       noise variance added at step t            alpha_t = 1 - beta_t
@@ -277,8 +277,8 @@ def run_sampler(denoise, x_T, betas, alpha_bar, prediction, sampler="ddim", step
 
     DDPM clips x0_pred to [-1, 1]. DDIM clips it for eps-prediction, where x0_pred = (x_t - sqrt(1 - a) eps) / sqrt(a)
     multiplies any error in eps by 1 / sqrt(a), about 2e4 at the cosine schedule's first trailing step. For
-    v-prediction x0_pred = sqrt(a) x_t - sqrt(1 - a) v needs no division and is left unclipped: on the toy world,
-    clamping x0_pred without re-deriving eps turned strong guidance (w = 4, 25 steps) into speckles.
+    v-prediction x0_pred = sqrt(a) x_t - sqrt(1 - a) v needs no division and is left unclipped (on the toy world,
+    clamping it without re-deriving eps ruined the samples under strong guidance: README, P1).
     """
     if sampler == "ddpm":
         return ddpm_sample(denoise, x_T, betas, alpha_bar, prediction, generator)

@@ -91,7 +91,7 @@ def ddim_sample_progressive(model, x_T, num_steps=DEFAULT_STEPS, eta=0.0, genera
     alpha_bar = linear_alpha_bar()
     x_t = x_T.float()
     sequence = course_timesteps(num_steps)
-    for t, t_prev in zip(sequence, sequence[1:] + [0]):
+    for t, t_prev in zip(sequence, sequence[1:] + [0]):  # after t = 1 comes alpha_bar[0], not 1
         eps = model(x_t, torch.full((x_t.shape[0],), float(t), device=x_t.device)).float()
         alpha_bar_t = float(alpha_bar[t])
         x0_pred = predict_x0(x_t, eps, alpha_bar_t).clamp(-1, 1)

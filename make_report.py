@@ -287,7 +287,7 @@ def p2_part(context):
     p2_ddim.main([str(noise), str(faces), str(unet), "--figures", str(out), *steps, *context.seed_flag(),
                   *context.device_flag()])
     interpolation = out / "interpolation"
-    p2_interpolate.main([str(noise), str(unet), str(interpolation), *steps, *context.device_flag()])
+    p2_interpolate.main([str(noise), str(interpolation), str(unet), *steps, *context.device_flag()])
     eta_grid, slerp, linear = out / "eta_grid.png", interpolation / "slerp.png", interpolation / "linear.png"
     num_steps = context.settings.p2_steps or p2_ddim.DEFAULT_STEPS
     lines = [

@@ -26,11 +26,13 @@ from utils import (
     autocast,
     ensure_writable_dir,
     get_device,
+    image_generators,
     labelled_grid,
     run_cli,
     save_grid,
     save_pil,
     save_png,
+    standard_normal,
     to_uint8,
 )
 
@@ -88,8 +90,9 @@ def generate(diffusion, args, device, per_digit=PER_DIGIT, keep_rows=()):
     plan = sample_plan(per_digit)
     digit = torch.tensor([p[1] for p in plan], device=device)
     dataset = torch.tensor([p[0] for p in plan], device=device)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    x_T = torch.randn(len(plan), 3, 28, 28, generator=generator, device=device)
+    # one generator per image draws its x_T and its sampler noise: an image does not depend on --batch-size
+    generators = image_generators(args.seed, len(plan), device)
+    x_T = standard_normal((len(plan), 3, 28, 28), generators, device)
     num_states = (diffusion.config.timesteps if args.sampler == "ddpm" else args.steps) + 1
     positions = set(snapshot_positions(num_states))
     images, snapshots = torch.empty_like(x_T), {row: [] for row in keep_rows}
@@ -98,7 +101,7 @@ def generate(diffusion, args, device, per_digit=PER_DIGIT, keep_rows=()):
         rows = slice(start, start + args.batch_size)
         with autocast(device):
             states = diffusion.sample(x_T[rows], digit[rows], dataset[rows], w=args.guidance,
-                                      sampler=args.sampler, steps=args.steps, eta=args.eta, generator=generator)
+                                      sampler=args.sampler, steps=args.steps, eta=args.eta, generator=generators[rows])
             for position, (t, x) in enumerate(states):
                 if position in positions:
                     for row in keep_rows:
@@ -133,8 +136,8 @@ def main(argv=None):
         raise Hw2Error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.sampler == "ddim" and not 1 <= args.steps <= 1000:
         raise Hw2Error(f"--steps must be in 1..1000 for DDIM, got {args.steps}")
-    if args.eta < 0:
-        raise Hw2Error(f"--eta must be >= 0, got {args.eta}")
+    if not 0 <= args.eta <= 1:
+        raise Hw2Error(f"--eta must be between 0 and 1 (0 = deterministic DDIM, 1 = DDPM's noise), got {args.eta}")
     ckpt = Path(args.ckpt) if args.ckpt else find_latest_checkpoint(DEFAULT_OUT)
     diffusion, state = load_model_checkpoint(ckpt)
     if args.sampler == "ddim" and args.steps > diffusion.config.timesteps:
@@ -171,13 +174,15 @@ def build_parser():
                         help="ddim (fast, --steps steps) or ddpm (ancestral, all T steps).")
     parser.add_argument("--steps", type=int, default=25, help="Number of DDIM steps (ignored by ddpm).")
     parser.add_argument("--eta", type=float, default=0.0,
-                        help="DDIM eta: 0 = deterministic, 1 = DDPM's posterior noise (ignored by ddpm).")
+                        help="DDIM eta in [0, 1]: 0 = deterministic, 1 = DDPM's posterior noise (ignored by ddpm).")
     parser.add_argument("--guidance", type=float, default=None,
                         help="Classifier-free guidance weight w in (1 + w) eps(x, digit, dataset) - w eps(x, null, "
                              "dataset); 0 = plain conditional model; default: the value saved with the checkpoint's "
                              "training preset.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the noise x_T (and of the DDPM/eta noise).")
-    parser.add_argument("--batch-size", type=int, default=250, help="Images sampled at once.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the noise x_T and of the DDPM/eta noise; each image has its own stream.")
+    parser.add_argument("--batch-size", type=int, default=250,
+                        help="Images sampled at once; the images do not depend on it.")
     parser.add_argument("--figures", type=str, default=None,
                         help="Also write the report's P1 figures (10x10 grids, reverse processes) into this folder.")
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps; default: the best.")

@@ -2,7 +2,7 @@
 
 Used by p1_train.py, p1_inference.py and benchmarks/p1_bench.py; the tests call the pure functions directly:
 
-    python -m pytest -q tests/test_p1_model.py
+    python -m pytest -q tests/test_p1_model.py tests/test_p1_oracle.py
 
 Notation (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"):
     beta_t       noise variance added at step t            alpha_t = 1 - beta_t
@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from utils import ddim_step, ddim_timesteps, standard_normal
 
 NUM_DIGITS = 10
 NUM_DATASETS = 2
@@ -146,8 +148,8 @@ def v_target(x0, noise, alpha_bar_t):
 
 
 def to_x0_eps(output, x_t, alpha_bar_t, prediction):
-    """The network output (eps or v) as the pair (x0_pred, eps) at noise level alpha_bar_t (broadcast)."""
-    a, b = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
+    """The network output (eps or v) as the pair (x0_pred, eps) at noise level alpha_bar_t (a float or broadcast)."""
+    a, b = alpha_bar_t**0.5, (1 - alpha_bar_t) ** 0.5
     if prediction == "eps":
         return (x_t - b * output) / a, output
     return a * x_t - b * output, a * output + b * x_t  # v: x_0 = a x_t - b v, eps = a v + b x_t
@@ -176,38 +178,6 @@ def ddpm_step(output, x_t, t, betas, alpha_bar, noise, prediction, clip=True):
     return mean if t == 0 else mean + variance.sqrt() * noise
 
 
-def ddim_timesteps(timesteps, steps, spacing="trailing"):
-    """The DDIM sub-sequence of array indices, largest first (diffusers' "leading" / "trailing" spacing).
-
-    "trailing" starts at T-1, the noisiest level, which is where x_T ~ N(0, I) belongs (Lin et al. 2024).
-    """
-    if not 1 <= steps <= timesteps:
-        raise ValueError(f"DDIM steps must be in 1..{timesteps}, got {steps}")
-    ratio = timesteps // steps
-    if spacing == "leading":
-        return [i * ratio for i in reversed(range(steps))]
-    if spacing == "trailing":
-        return [round(timesteps - i * timesteps / steps) - 1 for i in range(steps)]
-    raise ValueError(f"spacing must be 'leading' or 'trailing', got {spacing!r}")
-
-
-def ddim_step(output, x_t, t, t_prev, alpha_bar, eta, noise, prediction, clip=True):
-    """One DDIM step x_t -> x_{t_prev} (DDIM eq. 12) with sigma_t from eq. 16; t_prev < 0 means alpha_bar = 1.
-
-        x_{t_prev} = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t noise
-        sigma_t    = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
-    As in diffusers, clipping changes x0_pred only, not eps.
-    """
-    a_t = _at(alpha_bar, t, x_t)
-    a_prev = _at(alpha_bar, t_prev, x_t) if t_prev >= 0 else torch.ones_like(a_t)
-    x0, eps = to_x0_eps(output, x_t, a_t, prediction)
-    if clip:
-        x0 = x0.clamp(-1, 1)
-    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-    x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
-    return x_prev + sigma * noise if eta > 0 else x_prev
-
-
 def guided_output(model, x_t, t, digit, dataset, w):
     """Classifier-free guidance in ONE batched forward: (1 + w) f(x, digit, dataset) - w f(x, null, dataset).
 
@@ -216,13 +186,15 @@ def guided_output(model, x_t, t, digit, dataset, w):
     textures: on five toy-world checkpoints (DDIM-25, w = 5, 200-300 images per set) keeping the dataset raised
     MNIST-M accuracy by 9, 9 and 3 points on the three weaker ones (e.g. 0.725 -> 0.810), was within noise on the
     two stronger ones, and left SVHN unchanged within noise.
+    The combination is formed in float32 whatever the autocast dtype of the forward: in bf16, (1 + w) c - w u
+    with w = 5 loses about three of bf16's eight significant bits to cancellation.
     """
     if w == 0:
         return model(x_t, t, digit, dataset)
     batch = x_t.shape[0]
     out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([digit, torch.full_like(digit, NULL_DIGIT)]),
                 torch.cat([dataset, dataset]))
-    out_c, out_u = out[:batch], out[batch:]
+    out_c, out_u = out[:batch].float(), out[batch:].float()
     return (1 + w) * out_c - w * out_u
 
 
@@ -266,27 +238,55 @@ def ddpm_sample(denoise, x_T, betas, alpha_bar, prediction, generator=None, clip
     """Ancestral DDPM sampling over all T steps (DDPM Algorithm 2). Yields (paper t, x_t): (T, x_T) ... (0, x_0).
 
     `denoise(x_t, t)` returns the (guided) network output for a batch and a [B] tensor of array indices.
+    `generator` is None, one generator, or one per image (see `utils.standard_normal`).
     """
     x = x_T
     yield len(betas), x
     for t in reversed(range(len(betas))):
         output = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if t > 0 else None
+        noise = standard_normal(x.shape, generator, x.device, x.dtype) if t > 0 else None
         x = ddpm_step(output, x, t, betas, alpha_bar, noise, prediction, clip)
         yield t, x
 
 
 def ddim_sample(denoise, x_T, alpha_bar, prediction, steps, eta=0.0, generator=None, clip=True,
                 spacing="trailing"):
-    """DDIM sampling over `steps` sub-sampled timesteps. Yields (paper t, x_t): x_T first, x_0 last."""
+    """DDIM sampling over `steps` sub-sampled timesteps (DDIM eqs. 12 and 16). Yields (paper t, x_t), x_T first.
+
+    The step after the last timestep goes to alpha_bar = 1 (diffusers' set_alpha_to_one). With `clip`, x0_pred is
+    clamped to [-1, 1] and eps re-derived from the clamped x0_pred, so the pair stays a consistent decomposition
+    of x_t (diffusers' use_clipped_model_output); clamping x0_pred alone would leave eps pointing elsewhere.
+    """
     sequence = ddim_timesteps(len(alpha_bar), steps, spacing)
     x = x_T
     yield sequence[0] + 1, x
     for t, t_prev in zip(sequence, sequence[1:] + [-1]):
         output = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
-        x = ddim_step(output, x, t, t_prev, alpha_bar, eta, noise, prediction, clip)
+        a_t, a_prev = float(alpha_bar[t]), float(alpha_bar[t_prev]) if t_prev >= 0 else 1.0
+        x0, eps = to_x0_eps(output, x, a_t, prediction)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+        noise = standard_normal(x.shape, generator, x.device, x.dtype) if eta > 0 else None
+        x = ddim_step(x0, eps, a_t, a_prev, eta, noise)
         yield t_prev + 1, x
+
+
+def run_sampler(denoise, x_T, betas, alpha_bar, prediction, sampler="ddim", steps=50, eta=0.0, generator=None):
+    """The sampler P1 runs, with its clipping policy; yields (paper t, x_t) from x_T to x_0.
+
+    DDPM clips x0_pred to [-1, 1]. DDIM clips it for eps-prediction, where x0_pred = (x_t - sqrt(1 - a) eps) / sqrt(a)
+    multiplies any error in eps by 1 / sqrt(a), about 2e4 at the cosine schedule's first trailing step. For
+    v-prediction x0_pred = sqrt(a) x_t - sqrt(1 - a) v needs no division and is left unclipped (on the toy world,
+    clamping it without re-deriving eps ruined the samples under strong guidance: README, P1).
+    """
+    if sampler == "ddpm":
+        return ddpm_sample(denoise, x_T, betas, alpha_bar, prediction, generator)
+    if sampler == "ddim":
+        if not 0 <= eta <= 1:
+            raise ValueError(f"DDIM eta must be between 0 and 1, got {eta}")
+        return ddim_sample(denoise, x_T, alpha_bar, prediction, steps, eta, generator, clip=prediction == "eps")
+    raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
 
 
 def final(samples):
@@ -441,19 +441,9 @@ class Diffusion(nn.Module):
         return diffusion_loss(self.net, x0, digit, dataset, self.config, self.alpha_bar, generator)
 
     def sample(self, x_T, digit, dataset, w=0.0, sampler="ddim", steps=50, eta=0.0, generator=None):
-        """Generator of (paper t, x_t) from x_T to x_0 for the given labels, guidance w and sampler.
-
-        DDPM clips x0_pred to [-1, 1]: its posterior mean uses only x0_pred and x_t, so that stays consistent.
-        DDIM does not: its step also uses eps, which clipping x0_pred leaves unchanged, and under strong guidance
-        that mismatch accumulated into speckles (toy world, w = 4, 25 steps, 50 images per set: 0.46 / 0.36
-        accuracy with clipping, 0.60 / 0.76 without).
-        """
+        """Generator of (paper t, x_t) from x_T to x_0 for the given labels and guidance w (see `run_sampler`)."""
         def denoise(x_t, t):
             return guided_output(self.net, x_t, t, digit, dataset, w).to(x_t.dtype)
 
-        if sampler == "ddpm":
-            return ddpm_sample(denoise, x_T, self.betas, self.alpha_bar, self.config.prediction, generator)
-        if sampler == "ddim":
-            return ddim_sample(denoise, x_T, self.alpha_bar, self.config.prediction, steps, eta, generator,
-                               clip=False)
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        return run_sampler(denoise, x_T, self.betas, self.alpha_bar, self.config.prediction, sampler, steps, eta,
+                           generator)

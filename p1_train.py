@@ -6,22 +6,25 @@
 
 Data: the union of `digits/mnistm` and `digits/svhn` (train.csv, header image_name,label), each sample an image
 in [-1, 1], its digit and its dataset id (0 = mnistm, 1 = svhn). No flips: digits are not mirror-symmetric.
-The whole training set is held in one uint8 tensor; batches are gathered from it (no DataLoader workers).
+The images are decoded once into a uint8 cache under `--out`/cache that every rank memory-maps (p1_data.py);
+batches are gathered from it (no DataLoader workers). The default paths are relative to this file's folder.
 
-Each epoch ends with an atomic checkpoint (model, EMA, optimizer, LR schedule, grad scaler, epoch/step, RNG
-states, config), so a kill loses at most the current epoch and `--resume` continues exactly: the data order
-and the diffusion noise of an epoch are functions of (seed, epoch, rank) only. Samples come from the EMA weights.
-The loss runs under bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing) and on CPUs with native bf16
-(AVX512-BF16 or AMX), fp32 elsewhere.
+Each epoch ends with an atomic checkpoint (model, EMA, optimizer, LR schedule, grad scaler, epoch/step, every
+rank's random states, config), so a kill loses at most the current epoch and `--resume` continues exactly: the
+data order and the diffusion noise of an epoch are functions of (seed, epoch, rank) only, and each rank gets its
+own dropout stream back (on GPUs with `--deterministic` kernels). Samples come from the EMA weights. The loss runs
+under bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing) and on CPUs with native bf16 (AVX512-BF16
+or AMX), fp32 elsewhere; it is read back to the host every LOG_EVERY steps only.
 """
 
 import argparse
+import contextlib
 import copy
-import csv
 import hashlib
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +35,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from p1_model import DATASETS, NUM_DIGITS, Diffusion, P1Config, diffusion_loss, final, preset
+from p1_data import load_split, to_model_range
+from p1_model import NUM_DIGITS, Diffusion, P1Config, diffusion_loss, final, preset
 from utils import (
     Hw2Error,
     announce_toy_world,
@@ -40,7 +44,6 @@ from utils import (
     find_toy_root,
     get_device,
     load_checkpoint,
-    load_rgb,
     make_grad_scaler,
     run_cli,
     save_checkpoint,
@@ -48,10 +51,12 @@ from utils import (
     seed_everything,
 )
 
-DEFAULT_DATA = "hw2_data/digits"
-DEFAULT_OUT = "checkpoints/p1"
+REPO = Path(__file__).resolve().parent
+DEFAULT_DATA = REPO / "hw2_data" / "digits"
+DEFAULT_OUT = REPO / "checkpoints" / "p1"  # beside the code, so that the scripts find it from any folder
 CHECKPOINT_NAME = "ddpm.safetensors"
 GRID_SAMPLER = dict(sampler="ddim", steps=10)  # quick look at progress; p1_inference.py samples properly
+LOG_EVERY = 20  # steps between progress-bar updates: reading the loss back forces a GPU sync, so not every step
 
 
 @dataclass(frozen=True)
@@ -82,62 +87,7 @@ TRAIN_PRESETS = {
                  grad_clip=1.0, grid_every=1, guidance=2.0),
 }
 
-# ----------------------------------------------------------------------------------------------- data
-
-
-def read_labels(csv_path):
-    """(image_name, digit) rows of a digits CSV (header image_name,label); any defect is an Hw2Error naming it."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise Hw2Error(f"label file not found: {csv_path} (expected digits/<dataset>/train.csv from hw2_download.sh)")
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise Hw2Error(f"cannot read {csv_path}: {err}") from err
-    if not rows or [c.strip() for c in rows[0]] != ["image_name", "label"]:
-        raise Hw2Error(f"{csv_path} is malformed: its first line must be the header 'image_name,label'")
-    labels = []
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != 2 or not row[0].strip():
-            raise Hw2Error(f"{csv_path} line {line} is malformed: expected 'image_name,label', got {','.join(row)!r}")
-        name, label = row[0].strip(), row[1].strip()
-        if not label.lstrip("-").isdigit() or not 0 <= int(label) < NUM_DIGITS:
-            raise Hw2Error(f"{csv_path} line {line}: label {label!r} is not a digit 0..9")
-        labels.append((name, int(label)))
-    if not labels:
-        raise Hw2Error(f"{csv_path} lists no images")
-    return labels
-
-
-def load_split(data_root, split="train", limit=0):
-    """Images (uint8 [N, 3, 28, 28]), digits [N] and dataset ids [N] of both datasets' `split` CSVs.
-
-    Images that are not 28x28 are resized (bicubic) so that every sample matches the network's input.
-    """
-    data_root = Path(data_root)
-    if not data_root.is_dir():
-        raise Hw2Error(f"data folder not found: {data_root} (pass --data hw2_data/digits, or run hw2_download.sh)")
-    images, digits, dataset_ids = [], [], []
-    for dataset_id, name in enumerate(DATASETS):
-        rows = read_labels(data_root / name / f"{split}.csv")
-        rows = rows[:limit] if limit > 0 else rows
-        for file_name, digit in tqdm(rows, desc=f"loading {name} {split}", leave=False):
-            path = data_root / name / "data" / file_name
-            if not path.is_file():
-                raise Hw2Error(f"{data_root / name / f'{split}.csv'} lists {file_name}, but {path} does not exist")
-            image = load_rgb(path)
-            if image.size != (28, 28):
-                image = image.resize((28, 28), resample=3)  # 3 = bicubic
-            images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
-            digits.append(digit)
-            dataset_ids.append(dataset_id)
-    return torch.stack(images), torch.tensor(digits), torch.tensor(dataset_ids)
-
-
-def to_model_range(images_uint8):
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images_uint8.float() / 127.5 - 1
+# ----------------------------------------------------------------------------------------------- steps
 
 
 def epoch_order(seed, epoch, n, rank=0, world_size=1):
@@ -165,6 +115,46 @@ def ema_update(ema, model, decay):
         e.copy_(b)
 
 
+def build_optimization(diffusion, settings, total_steps, device):
+    """AdamW, its warm-up + cosine LR schedule over `total_steps`, and a grad scaler (active for fp16 only)."""
+    optimizer = torch.optim.AdamW(diffusion.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, settings.warmup_steps, total_steps))
+    return optimizer, scheduler, make_grad_scaler(device)
+
+
+def step_precision(device, dtype=None):
+    """The autocast of a training step. dtype None: p1_train's choice, bf16 on CUDA and on CPUs with native bf16
+    (toy preset: 1.5x the fp32 images/s), fp16 on GPUs without bf16, fp32 elsewhere; else autocast to `dtype`."""
+    if dtype is None:
+        return autocast(device, cpu_bf16=True)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def train_step(net, diffusion, ema, optimization, batch, settings, generator=None, dtype=None):
+    """One optimizer step on `batch` = (x0 in [-1, 1], digits, dataset ids), all on the training device.
+
+    `net` is diffusion.net, or its DDP wrapper; `optimization` is (optimizer, LR scheduler, grad scaler); `dtype`
+    picks the autocast (see `step_precision`). Returns the loss as a detached tensor on the device: reading it
+    back is left to the caller (a GPU sync).
+    """
+    optimizer, scheduler, scaler = optimization
+    x0, digit, dataset = batch
+    with step_precision(x0.device, dtype):
+        loss = diffusion_loss(net, x0, digit, dataset, diffusion.config, diffusion.alpha_bar, generator)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(diffusion.parameters(), settings.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    ema_update(ema, diffusion, settings.ema_decay)
+    return loss.detach()
+
+
 def weights_digest(module):
     """SHA-256 of every parameter's bytes, to compare replicas."""
     digest = hashlib.sha256()
@@ -187,22 +177,47 @@ def sample_grid(diffusion, guidance, seed, device):
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def rng_states():
+def rng_states(device):
+    """This process's random states: python, numpy, torch's CPU generator and, on CUDA, its own device's."""
     states = {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()), "python": random.getstate()}
     states["numpy"][1] = torch.from_numpy(states["numpy"][1].astype(np.int64))
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states):
+def set_rng_states(states, device):
     torch.set_rng_state(states["torch"])
     kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def all_rng_states(device, world_size):
+    """Every rank's `rng_states`, in rank order (a collective: every rank must call it)."""
+    if world_size == 1:
+        return [rng_states(device)]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, rng_states(device))
+    return gathered
+
+
+def restore_rng_states(saved, device, rank, world_size, seed, epoch):
+    """Give this rank the random states it had when the checkpoint was written. Saved by a different number of
+    processes, they cannot be matched: the ranks are reseeded from (seed, epoch, rank) instead, with a warning."""
+    if isinstance(saved, dict):  # written before the states were kept per rank: rank 0's, CUDA ones of all devices
+        saved = [{key: value for key, value in saved.items() if key != "cuda"}]
+    if len(saved) == world_size:
+        set_rng_states(saved[rank], device)
+        return
+    seed_everything((seed * 1_000_003 + epoch) * 64 + rank)
+    if rank == 0:
+        print(f"warning: the checkpoint holds the random states of {len(saved)} process(es) and this run has "
+              f"{world_size}: the data order and the diffusion noise stay exact, but the dropout streams differ from "
+              f"an uninterrupted run.", file=sys.stderr)
 
 
 def load_model_checkpoint(path, weights="ema"):
@@ -222,23 +237,30 @@ def load_model_checkpoint(path, weights="ema"):
 # ------------------------------------------------------------------------------------------------ train
 
 
+def training_data(args, settings, rank, world_size):
+    """The training split, decoded once by rank 0 into the shared cache under --out, memory-mapped by every rank."""
+    cache = Path(args.out) / "cache"
+    data = load_split(args.data, "train", settings.limit, cache) if rank == 0 else None
+    if world_size > 1:
+        dist.barrier()  # the other ranks read the cache only once rank 0 has written it
+    return data or load_split(args.data, "train", settings.limit, cache)
+
+
 def train(args, config, settings, device, rank, world_size, resume_state=None):
-    images, digits, dataset_ids = load_split(args.data, "train", settings.limit)
+    images, digits, dataset_ids = training_data(args, settings, rank, world_size)
     steps_per_epoch = len(epoch_order(settings.seed, 0, len(images), rank, world_size)) // settings.batch_size
     if steps_per_epoch == 0:
         raise Hw2Error(f"--batch-size {settings.batch_size} is larger than this process's share of the "
                        f"{len(images)} training images: lower --batch-size")
-    total_steps = settings.epochs * steps_per_epoch
 
-    seed_everything(settings.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
+    # the same initial weights on every rank (DDP would broadcast rank 0's anyway), then a dropout stream per rank
+    seed_everything(settings.seed, deterministic=args.deterministic)
     diffusion = Diffusion(config).to(device)
     ema = copy.deepcopy(diffusion).requires_grad_(False)
-    seed_everything(settings.seed + rank)  # but a different dropout stream per rank
+    seed_everything(settings.seed + rank)
     net = DistributedDataParallel(diffusion.net) if world_size > 1 else diffusion.net
-    optimizer = torch.optim.AdamW(diffusion.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, settings.warmup_steps, total_steps))
-    scaler = make_grad_scaler(device)
+    optimization = build_optimization(diffusion, settings, settings.epochs * steps_per_epoch, device)
+    optimizer, scheduler, scaler = optimization
     start_epoch, step = 0, 0
     if resume_state is not None:
         diffusion.net.load_state_dict(resume_state["model"])
@@ -247,8 +269,7 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
         scheduler.load_state_dict(resume_state["lr_scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
         start_epoch, step = resume_state["epoch"], resume_state["step"]
-        if rank == 0:
-            set_rng_states(resume_state["rng"])
+        restore_rng_states(resume_state["rng"], device, rank, world_size, settings.seed, start_epoch)
     out = Path(args.out)
     if rank == 0:
         print(f"P1 training: {len(images)} images, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M "
@@ -261,26 +282,20 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
         noise_gen = torch.Generator(device).manual_seed((settings.seed * 1_000_003 + epoch) * 64 + rank)
         diffusion.train()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{settings.epochs}", disable=rank != 0)
-        start = time.perf_counter()
+        loss_sum, logged, start = torch.zeros((), device=device), 0, time.perf_counter()
         for i in bar:
             idx = order[i * settings.batch_size:(i + 1) * settings.batch_size]
-            x0 = to_model_range(images[idx]).to(device, non_blocking=True)
-            # bf16 autocast on CUDA, and on CPUs with native bf16 (toy preset: 1.5x the fp32 images/s)
-            with autocast(device, cpu_bf16=True):
-                loss = diffusion_loss(net, x0, digits[idx].to(device), dataset_ids[idx].to(device), config,
-                                      diffusion.alpha_bar, noise_gen)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(diffusion.parameters(), settings.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            ema_update(ema, diffusion, settings.ema_decay)
+            batch = (to_model_range(images[idx]).to(device, non_blocking=True), digits[idx].to(device),
+                     dataset_ids[idx].to(device))
+            loss_sum += train_step(net, diffusion, ema, optimization, batch, settings, noise_gen)
             step += 1
-            rate = (i + 1) * settings.batch_size * world_size / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if (i + 1) % LOG_EVERY == 0 or i + 1 == steps_per_epoch:
+                mean_loss = loss_sum.item() / (i + 1 - logged)  # the one host sync per LOG_EVERY steps
+                loss_sum.zero_()
+                logged, rate = i + 1, (i + 1) * settings.batch_size * world_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
 
+        states = all_rng_states(device, world_size)
         if rank == 0:
             done = epoch + 1
             if settings.grid_every > 0 and (done % settings.grid_every == 0 or done == settings.epochs):
@@ -291,7 +306,7 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
                 "config": config.to_dict(), "train": asdict(settings), "model": diffusion.net.state_dict(),
                 "ema": ema.net.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": done,
-                "step": step, "rng": rng_states()})
+                "step": step, "rng": states})
     return diffusion, ema
 
 
@@ -309,7 +324,8 @@ def main(argv=None):
             print(f"Resuming {args.resume} after epoch {resume_state['epoch']} with its saved config and settings.")
     else:
         name = args.preset or ("toy" if toy else "full")
-        overrides = {k: v for k, v in (("schedule", args.schedule), ("prediction", args.prediction)) if v}
+        overrides = {key: getattr(args, key) for key in ("schedule", "prediction", "dropout")
+                     if getattr(args, key) is not None}
         config = preset(name, **overrides)
         values = dict(TRAIN_PRESETS[name], limit=args.limit, seed=args.seed)
         for key in ("epochs", "batch_size", "lr", "grid_every", "guidance"):
@@ -318,6 +334,8 @@ def main(argv=None):
         settings = TrainSettings(**values)
         if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0 or settings.grid_every < 0:
             raise Hw2Error("--epochs and --batch-size must be >= 1, --grid-every >= 0 and --lr > 0")
+        if not 0 <= config.dropout < 1:
+            raise Hw2Error(f"--dropout must be in [0, 1), got {config.dropout}")
 
     if world_size > 1:
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
@@ -349,6 +367,8 @@ def build_parser():
                         help="Noise schedule, replacing the preset's (linear = the course's DDPM betas 1e-4..0.02).")
     parser.add_argument("--prediction", type=str, default=None, choices=["eps", "v"],
                         help="What the network predicts, replacing the preset's choice.")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="Dropout probability in the residual blocks, replacing the preset's (toy 0, full 0.1).")
     parser.add_argument("--epochs", type=int, default=None, help="Number of epochs; default: the preset's.")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="Images per optimizer step and process; default: the preset's.")
@@ -367,6 +387,9 @@ def build_parser():
                         help="Stop after this epoch although the learning-rate schedule spans --epochs (e.g. to fit "
                              "a job time limit); continue later with --resume. 0 = run to the end.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for initialisation, data order and noise.")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="Use deterministic CUDA kernels (slower), so that a resumed GPU run matches an "
+                             "uninterrupted one bit for bit; CPU runs are deterministic without it.")
     parser.add_argument("--device", type=str, default=None,
                         help="cpu, cuda, cuda:N or mps; default: the best available (torchrun picks per rank).")
     return parser

@@ -30,14 +30,18 @@ from p2_unet import load_face_unet
 from utils import (
     Hw2Error,
     announce_toy_world,
+    ddim_step,
+    ddim_timesteps,
     ensure_writable_dir,
     get_device,
+    image_generators,
     labelled_grid,
     load_rgb,
     load_torch_file,
     run_cli,
     save_pil,
     save_png,
+    standard_normal,
     to_uint8,
 )
 
@@ -65,29 +69,9 @@ def linear_alpha_bar(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_ST
     return torch.cumprod(1 - betas, dim=0)
 
 
-def ddim_timesteps(num_steps, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
-    """The course's (t, t_prev) pairs, high to low: t = 981, 961, ..., 1 for 50 steps, t_prev = t - 20.
-
-    "Leading" spacing with offset 1: t = i * (T // num_steps) + 1. The last t_prev is negative, which stands
-    for "before timestep 0" (see `alpha_bar_at`).
-    """
-    stride = num_train_timesteps // num_steps if num_steps > 0 else 0
-    if stride == 0 or (num_steps - 1) * stride + 1 >= num_train_timesteps:
-        raise ValueError(f"num_steps must be between 1 and {num_train_timesteps - 1}, got {num_steps}")
-    return [(i * stride + 1, i * stride + 1 - stride) for i in reversed(range(num_steps))]
-
-
-def alpha_bar_at(alpha_bar, t):
-    """alpha_bar[t]; for t < 0 the course stops at alpha_bar[0], not at 1 (diffusers' set_alpha_to_one=False)."""
-    return float(alpha_bar[max(t, 0)])
-
-
-def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
-    """sigma_t(eta) of DDIM eq. (16): eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev).
-
-    eta = 0 is deterministic DDIM; eta = 1 is the DDPM posterior standard deviation.
-    """
-    return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * math.sqrt(1 - alpha_bar_t / alpha_bar_prev)
+def course_timesteps(num_steps):
+    """The course's DDIM timesteps, high to low: 981, 961, ..., 1 for 50 steps ("leading" spacing, offset 1)."""
+    return ddim_timesteps(NUM_TRAIN_TIMESTEPS, num_steps, "leading", offset=1)
 
 
 def predict_x0(x_t, eps, alpha_bar_t):
@@ -95,51 +79,24 @@ def predict_x0(x_t, eps, alpha_bar_t):
     return (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
 
 
-def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
-    """One DDIM update x_t -> x_{t_prev}, DDIM eq. (12) with sigma_t from eq. (16). Returns (x_prev, x0_pred).
-
-    x_prev = sqrt(a_prev) x0_pred                    "predicted x_0", clamped to [-1, 1] as the course does
-           + sqrt(1 - a_prev - sigma_t^2) eps        "direction pointing to x_t", with the unclamped eps
-           + sigma_t noise                           "random noise", noise ~ N(0, I), needed when sigma_t > 0
-    """
-    sigma_t = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
-    x0_pred = predict_x0(x_t, eps, alpha_bar_t).clamp(-1, 1)
-    x_prev = math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(1 - alpha_bar_prev - sigma_t**2) * eps
-    if sigma_t > 0:
-        if noise is None:
-            raise ValueError(f"eta = {eta} > 0 needs the per-step noise: pass noise=")
-        x_prev = x_prev + sigma_t * noise
-    return x_prev, x0_pred
-
-
-def standard_normal(shape, generator, device):
-    """N(0, I) noise of `shape` on `device`.
-
-    `generator` is None, one torch.Generator, or a list with one generator per batch row; with a list each
-    row depends only on its own generator, so a sample does not change with the batch it is in.
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        rows = [standard_normal((1, *shape[1:]), g, device) for g in generator]
-        return torch.cat(rows) if rows else torch.empty(shape, device=device)
-    source = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=source).to(device)
-
-
 @torch.no_grad()
 def ddim_sample_progressive(model, x_T, num_steps=DEFAULT_STEPS, eta=0.0, generator=None):
     """Run DDIM from x_T (N x 3 x H x W), yielding (t, x_{t_prev}, x0_pred) after each step, t = 981 ... 1.
 
-    `model(x_t, t)` predicts eps for a batch of timesteps. The model may run under autocast; the DDIM
-    arithmetic is kept in float32. Noise for eta > 0 is drawn with `generator` (see `standard_normal`).
+    As the course does: x0_pred is clamped to [-1, 1], eps stays the model's unclamped prediction, and the step
+    after the last timestep goes to alpha_bar[0], not to 1 (diffusers' set_alpha_to_one=False). `model(x_t, t)`
+    predicts eps for a batch of timesteps and may run under autocast; the DDIM arithmetic is kept in float32.
+    Noise for eta > 0 is drawn with `generator` (None, one, or one per image: see `utils.standard_normal`).
     """
     alpha_bar = linear_alpha_bar()
     x_t = x_T.float()
-    for t, t_prev in ddim_timesteps(num_steps):
+    sequence = course_timesteps(num_steps)
+    for t, t_prev in zip(sequence, sequence[1:] + [0]):  # after t = 1 comes alpha_bar[0], not 1
         eps = model(x_t, torch.full((x_t.shape[0],), float(t), device=x_t.device)).float()
+        alpha_bar_t = float(alpha_bar[t])
+        x0_pred = predict_x0(x_t, eps, alpha_bar_t).clamp(-1, 1)
         noise = standard_normal(x_t.shape, generator, x_t.device) if eta > 0 else None
-        x_t, x0_pred = ddim_step(x_t, eps, alpha_bar_at(alpha_bar, t), alpha_bar_at(alpha_bar, t_prev), eta, noise)
+        x_t = ddim_step(x0_pred, eps, alpha_bar_t, float(alpha_bar[t_prev]), eta, noise)
         yield t, x_t, x0_pred
 
 
@@ -151,17 +108,24 @@ def ddim_sample(model, x_T, num_steps=DEFAULT_STEPS, eta=0.0, generator=None):
     return x_t
 
 
-def image_generators(seed, count, device):
-    """One generator per image, seeded from (seed, image index): samples do not depend on --batch-size."""
-    states = [np.random.SeedSequence([seed, index]).generate_state(1)[0] for index in range(count)]
-    return [torch.Generator(device=device).manual_seed(int(state)) for state in states]
+@contextlib.contextmanager
+def fp32_without_tf32():
+    """Full fp32 on CUDA: TF32 off for matmuls and cuDNN convolutions (cuDNN allows it by default, which rounds
+    convolution inputs to 10 mantissa bits), the earlier settings restored on exit."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def precision_context(device, precision):
-    """Autocast for fp16/bf16 on CUDA; fp32 runs as is. Reduced precision elsewhere is refused."""
+    """Autocast for fp16/bf16 on CUDA; fp32 on CUDA without TF32; fp32 elsewhere as is. Reduced precision off
+    CUDA is refused."""
     dtype = PRECISIONS[precision]
     if dtype is None:
-        return contextlib.nullcontext()
+        return fp32_without_tf32() if torch.device(device).type == "cuda" else contextlib.nullcontext()
     if torch.device(device).type != "cuda":
         raise Hw2Error(f"--precision {precision} runs the UNet under CUDA autocast, but this run is on {device}: "
                        f"use --precision fp32 (the default) or a CUDA --device")
@@ -267,6 +231,13 @@ def load_ground_truth(gt_dir, names, size):
     return images
 
 
+def check_out_dir_argument(out_dir):
+    """Refuse an OUT_DIR named like a checkpoint: every P2 script takes NOISE_DIR OUT_DIR UNET_PT, in that order."""
+    if Path(out_dir).suffix == ".pt":
+        raise Hw2Error(f"OUT_DIR {out_dir} is a .pt file: the arguments are NOISE_DIR OUT_DIR UNET_PT, in that order "
+                       f"(the UNet checkpoint comes last)")
+
+
 def check_sampling_flags(steps, batch_size, eta=0.0):
     """Refuse --steps / --batch-size / --eta values the sampler cannot use, naming the flag."""
     if not 1 <= steps < NUM_TRAIN_TIMESTEPS:
@@ -293,6 +264,7 @@ def eta_grid(model, noises, args, device):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_out_dir_argument(args.out_dir)
     check_sampling_flags(args.steps, args.batch_size, args.eta)
     device = get_device(args.device)
     precision_context(device, args.precision)  # refuse fp16/bf16 off CUDA before any work

@@ -1,6 +1,6 @@
 """Interpolate between two DDIM noises, by slerp and linearly, and sample each with DDIM (eta = 0).
 
-    python p2_interpolate.py hw2_data/face/noise hw2_data/face/UNet.pt figures/p2_interpolation
+    python p2_interpolate.py hw2_data/face/noise figures/p2_interpolation hw2_data/face/UNet.pt
 
 Takes NOISE_DIR/00.pt -> 01.pt at alpha = 0.0, 0.1, ..., 1.0 and writes, in OUT_DIR:
   slerp.png, linear.png         one labelled strip per method (11 images, alpha above each)
@@ -20,6 +20,7 @@ from p2_ddim import (
     DEFAULT_STEPS,
     POSTPROCESS,
     PRECISIONS,
+    check_out_dir_argument,
     check_sampling_flags,
     load_noise,
     noise_paths,
@@ -87,6 +88,7 @@ INTERPOLATIONS = {"slerp": slerp, "linear": lerp}
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_out_dir_argument(args.out_dir)
     check_sampling_flags(args.steps, args.batch_size)
     device = get_device(args.device)
     precision_context(device, args.precision)  # refuse fp16/bf16 off CUDA before any work
@@ -116,8 +118,8 @@ def main(argv=None):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("noise_dir", type=Path, help="Folder holding the noise files; 00.pt and 01.pt are used.")
-    parser.add_argument("unet", type=Path, help="The course's face UNet.pt (a state_dict).")
     parser.add_argument("out_dir", type=Path, help="Folder to write the strips and frames to (created if needed).")
+    parser.add_argument("unet", type=Path, help="The course's face UNet.pt (a state_dict).")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"Number of DDIM steps (default: {DEFAULT_STEPS}, the course's).")
     parser.add_argument("--batch-size", type=int, default=11,

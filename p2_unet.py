@@ -2,8 +2,8 @@
 
     python -c "from p2_unet import load_face_unet; print(load_face_unet('hw2_data/face/UNet.pt'))"
 
-The layout, key names and forward pass follow ../shared/specs/face_unet.md (a copy of its key list is
-tests/data/face_unet_keys.txt). The course file has base width 128 (channels 128/256/512, time embedding
+The layout, key names and forward pass are those of the course's checkpoint; tests/data/face_unet_keys.txt lists
+its 427 entries with their shapes. The course file has base width 128 (channels 128/256/512, time embedding
 128 -> 512); every width here is a multiple of `base`, so the toy world ships the same network at base 32.
 `load_face_unet` reads the base width from the checkpoint's shapes and loads it with `strict=True`.
 """

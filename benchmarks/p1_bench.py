@@ -2,12 +2,15 @@
 
     python benchmarks/p1_bench.py --ckpt checkpoints/p1/ddpm.safetensors --data hw2_data/digits --report BENCH_p1.md
 
-Everything is measured side by side in one run on one device. Sampling speed is timed on a small subset and
-reported per image; accuracy uses `--per-digit` images per digit and dataset (one standard error is about
-sqrt(p (1 - p) / (10 * per_digit)) per dataset) scored by the evaluator of `p1_eval.py train`.
+Everything is measured side by side in one run on one device: each timed variant is called once to warm up, then
+the variants alternate for --repeats rounds and each reports its median, so the ratios hold on a busy machine.
+Training times p1_train.train_step (fp32 against p1_train.py's autocast); sampling speed is timed on a small
+batch and reported per image; accuracy uses `--per-digit` images per digit and dataset (one standard error is
+about sqrt(p (1 - p) / (10 * per_digit)) per dataset) scored by the evaluator of `p1_eval.py train`.
 """
 
 import argparse
+import copy
 import sys
 import time
 from argparse import Namespace
@@ -17,44 +20,49 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import interleaved_medians  # noqa: E402
+from p1_data import load_split, to_model_range  # noqa: E402
 from p1_eval import EVALUATOR_NAME, accuracy, load_evaluator, predict  # noqa: E402
 from p1_inference import find_latest_checkpoint, generate, sample_plan  # noqa: E402
-from p1_model import DATASETS, Diffusion, diffusion_loss, final  # noqa: E402
-from p1_train import DEFAULT_DATA, DEFAULT_OUT, load_model_checkpoint, load_split, to_model_range  # noqa: E402
-from utils import Hw2Error, amp_dtype, atomic_write_text, autocast, get_device, run_cli, to_uint8  # noqa: E402
+from p1_model import DATASETS, Diffusion, final  # noqa: E402
+from p1_train import (  # noqa: E402
+    DEFAULT_DATA,
+    DEFAULT_OUT,
+    TRAIN_PRESETS,
+    TrainSettings,
+    build_optimization,
+    load_model_checkpoint,
+    train_step,
+)
+from utils import Hw2Error, amp_dtype, atomic_write_text, get_device, run_cli, to_uint8  # noqa: E402
 
 
-def training_rate(config, images, digits, dataset_ids, batch_size, steps, device, mixed):
-    """Images per second of optimizer steps (forward, backward, AdamW) on a fresh model, after one warm-up step;
-    `mixed` runs the loss under p1_train.py's autocast (bf16 on CUDA and on CPUs with native bf16)."""
+def training_steps(config, images, digits, dataset_ids, batch_size, steps, device, dtype):
+    """A function that runs `steps` of p1_train.train_step on random batches of a fresh model, at `dtype`
+    (torch.float32, or None for p1_train.py's autocast)."""
     diffusion = Diffusion(config).to(device).train()
-    optimizer = torch.optim.AdamW(diffusion.parameters(), lr=1e-4)
-    start = None
-    for step in range(steps + 1):
-        if step == 1:
-            start = time.perf_counter()
-        idx = torch.randint(0, len(images), (batch_size,))
-        with autocast(device, enabled=mixed, cpu_bf16=True):
-            loss = diffusion_loss(diffusion.net, to_model_range(images[idx]).to(device), digits[idx].to(device),
-                                  dataset_ids[idx].to(device), config, diffusion.alpha_bar)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
+    ema = copy.deepcopy(diffusion).requires_grad_(False)
+    settings = TrainSettings(**{**TRAIN_PRESETS["toy"], "batch_size": batch_size, "limit": 0, "seed": 0})
+    optimization = build_optimization(diffusion, settings, 10**6, device)
+    generator = torch.Generator().manual_seed(0)
+
+    def run():
+        for _ in range(steps):
+            idx = torch.randint(0, len(images), (batch_size,), generator=generator)
+            batch = (to_model_range(images[idx]).to(device), digits[idx].to(device), dataset_ids[idx].to(device))
+            train_step(diffusion.net, diffusion, ema, optimization, batch, settings, dtype=dtype)
+    return run
 
 
-def sampling_rate(diffusion, sampler, steps, guidance, count, device):
-    """Images per second for `count` guided images (x_T to x_0)."""
-    start = time.perf_counter()
-    with torch.no_grad():
-        x_T = torch.randn(count, 3, 28, 28, device=device)
-        labels = torch.arange(count, device=device) % 10
+def sampling(diffusion, sampler, steps, guidance, count, device):
+    """A function that samples `count` guided images (x_T to x_0) with `sampler`."""
+    x_T = torch.randn(count, 3, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.arange(count, device=device) % 10
+
+    @torch.no_grad()
+    def run():
         final(diffusion.sample(x_T, labels, labels % 2, w=guidance, sampler=sampler, steps=steps))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return count / (time.perf_counter() - start)
+    return run
 
 
 def sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit, batch_size, device):
@@ -101,28 +109,25 @@ def main(argv=None):
 
     images, digits, dataset_ids = load_split(args.data, "train", limit=args.train_images)
     batch_size = args.batch_size or state.get("train", {}).get("batch_size", 64)
-    # alternate the two precisions so that a change in machine load hits both alike
-    rates = {False: [], True: []}
-    for _ in range(args.train_repeats):
-        for mixed in rates:
-            rates[mixed].append(training_rate(config, images, digits, dataset_ids, batch_size, args.train_steps,
-                                              device, mixed))
-    fp32_rate, train_rate = (sorted(rates[m])[len(rates[m]) // 2] for m in (False, True))
+    fp32, mixed = interleaved_medians([
+        training_steps(config, images, digits, dataset_ids, batch_size, args.train_steps, device, dtype)
+        for dtype in (torch.float32, None)], device, args.repeats)
+    rate = {name: args.train_steps * batch_size / seconds for name, seconds in (("fp32", fp32), ("mixed", mixed))}
     dtype = amp_dtype(device, cpu_bf16=True)
-    lines += [f"- Training (batch {batch_size}, {args.train_steps} steps, median of {args.train_repeats}): "
-              f"fp32 {fp32_rate:.0f} images/s; as p1_train.py runs it "
+    lines += [f"- Training (batch {batch_size}, {args.train_steps} steps of p1_train.train_step, median of "
+              f"{args.repeats}): fp32 {rate['fp32']:.0f} images/s; as p1_train.py runs it "
               f"({'autocast ' + str(dtype).replace('torch.', '') if dtype else 'fp32: no native bf16'}) "
-              f"{train_rate:.0f} images/s = {train_rate / fp32_rate:.2f}x.", ""]
+              f"{rate['mixed']:.0f} images/s = {rate['mixed'] / rate['fp32']:.2f}x.", ""]
     print(lines[-2], flush=True)
 
-    lines += ["| sampler | images/s | s per image | speed-up vs DDPM-1000 |", "|---|---|---|---|"]
-    rates = {}
-    for sampler, steps in (("ddpm", config.timesteps), ("ddim", 100), ("ddim", 50), ("ddim", 25)):
-        rates[(sampler, steps)] = sampling_rate(diffusion, sampler, steps, args.guidance, args.speed_images, device)
-    base = rates[("ddpm", config.timesteps)]
-    for (sampler, steps), r in rates.items():
-        lines.append(f"| {sampler.upper()}-{steps} (guided, w = {args.guidance}) | {r:.2f} | {1 / r:.3f} | "
-                     f"{r / base:.1f}x |")
+    samplers = [("ddpm", config.timesteps), ("ddim", 100), ("ddim", 50), ("ddim", 25)]
+    seconds = interleaved_medians([sampling(diffusion, sampler, steps, args.guidance, args.speed_images, device)
+                                   for sampler, steps in samplers], device, args.repeats)
+    lines += [f"Sampling {args.speed_images} images per call (guided, w = {args.guidance}), median of {args.repeats}:",
+              "", "| sampler | images/s | s per image | speed-up vs DDPM-1000 |", "|---|---|---|---|"]
+    for (sampler, steps), time_s in zip(samplers, seconds):
+        lines.append(f"| {sampler.upper()}-{steps} | {args.speed_images / time_s:.2f} | "
+                     f"{time_s / args.speed_images:.3f} | {seconds[0] / time_s:.1f}x |")
         print(lines[-1], flush=True)
 
     if args.runs:
@@ -153,8 +158,10 @@ def build_parser():
     parser.add_argument("--train-images", type=int, default=256, help="Training images per dataset to load.")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="Batch size of the training timing; default: the checkpoint's training batch size.")
-    parser.add_argument("--train-steps", type=int, default=10, help="Timed optimizer steps.")
-    parser.add_argument("--train-repeats", type=int, default=3, help="Timings per precision (the median is shown).")
+    parser.add_argument("--train-steps", type=int, default=10, help="Optimizer steps per timed call.")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Timed rounds of every training and sampling variant, after one warm-up call each; "
+                             "the median is shown.")
     parser.add_argument("--speed-images", type=int, default=8, help="Images per sampling-speed measurement.")
     parser.add_argument("--guidance", type=float, default=5.0, help="Guidance weight of the speed measurements.")
     parser.add_argument("--runs", type=str,

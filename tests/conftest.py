@@ -1,6 +1,7 @@
 """Shared test fixtures. Nothing in the suite may reach the network: the hub is forced offline here."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,3 +48,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def small_digits(toy_world, tmp_path):
+    """A function that copies the first `rows` train.csv images of each toy digit set into tmp_path/hw2_data and
+    returns its digits/ folder (tests may damage the copy). No val.csv; `toy=False` leaves out the TOY marker, so
+    that the scripts take the copy for real data."""
+    def copy(rows=8, toy=True):
+        root = tmp_path / "hw2_data"
+        root.mkdir(parents=True)
+        if toy:
+            shutil.copy(toy_world / "TOY", root / "TOY")
+        for name in ("mnistm", "svhn"):
+            src, dst = toy_world / "digits" / name, root / "digits" / name
+            (dst / "data").mkdir(parents=True)
+            lines = (src / "train.csv").read_text().splitlines()[: rows + 1]
+            (dst / "train.csv").write_text("\n".join(lines) + "\n")
+            for line in lines[1:]:
+                file_name = line.split(",")[0]
+                shutil.copy(src / "data" / file_name, dst / "data" / file_name)
+        return root / "digits"
+    return copy

@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import p1_model as pm
+from utils import ddim_timesteps, image_generators
 
 T = 1000
 SCHEDULES = ["linear", "cosine"]
@@ -48,9 +49,28 @@ def test_schedule_matches_diffusers(schedule):
     torch.testing.assert_close(pm.alpha_bar_from_betas(betas).float(), sched.alphas_cumprod, rtol=1e-5, atol=1e-7)
 
 
-def test_course_schedule_endpoints():
-    betas = pm.linear_beta_schedule(T)
-    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+def test_the_default_config_is_the_course_ddpm_schedule_in_closed_form():
+    """P1Config() is DDPM's schedule (Ho et al. 2020, sec. 4): beta_t = 1e-4 + (0.02 - 1e-4) t / (T - 1) in float64,
+    alpha_bar_t = exp(sum_{s<=t} log(1 - beta_s))."""
+    config = pm.P1Config()
+    assert (config.schedule, config.timesteps, config.prediction) == ("linear", T, "eps")
+    betas = pm.make_betas(config)
+    expected = [1e-4 + (0.02 - 1e-4) * t / (T - 1) for t in range(T)]
+    torch.testing.assert_close(betas, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    log_alpha_bar = torch.tensor([math.log1p(-b) for b in expected], dtype=torch.float64).cumsum(0)
+    torch.testing.assert_close(pm.alpha_bar_from_betas(betas), log_alpha_bar.exp(), rtol=1e-10, atol=0)
+
+
+def test_cosine_alpha_bar_is_nichol_dhariwal_eq_17():
+    """alpha_bar at array index t is f(t + 1) / f(0), f(u) = cos^2(((u / T + s) / (1 + s)) pi / 2), s = 0.008: the
+    betas telescope, except the last, which the 0.999 cap (diffusers' squaredcos_cap_v2) replaces."""
+    def f(u):
+        return math.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    alpha_bar = pm.alpha_bar_from_betas(pm.cosine_beta_schedule(T))
+    expected = torch.tensor([f(t + 1) / f(0) for t in range(T - 1)], dtype=torch.float64)
+    torch.testing.assert_close(alpha_bar[:-1], expected, rtol=1e-9, atol=1e-15)
+    assert float(alpha_bar[-1]) == pytest.approx(float(alpha_bar[-2]) * (1 - 0.999), rel=1e-12)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -114,31 +134,37 @@ def test_posterior_closed_form():
     torch.testing.assert_close(mean, expected)
 
 
-@pytest.mark.parametrize("spacing,steps", [("leading", 50), ("trailing", 50), ("trailing", 25)])
+@pytest.mark.parametrize("spacing,steps", [("leading", 50), ("trailing", 50), ("trailing", 25), ("trailing", 1000)])
 def test_ddim_timesteps_match_diffusers(spacing, steps):
     sched = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
     sched.set_timesteps(steps)
-    assert pm.ddim_timesteps(T, steps, spacing) == sched.timesteps.tolist()
+    assert ddim_timesteps(T, steps, spacing) == sched.timesteps.tolist()
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_ddim_eta0_trajectory_matches_diffusers(schedule, prediction, spacing, dtype):
+@pytest.mark.parametrize("eta,clip,dtype", [(0.0, True, torch.float64), (0.0, False, torch.float32),
+                                            (0.7, False, torch.float64), (1.0, True, torch.float64)])
+def test_ddim_trajectory_matches_diffusers(schedule, prediction, spacing, eta, clip, dtype):
+    """The whole DDIM trajectory against DDIMScheduler: eta > 0 with the same per-step noise handed over, and
+    clipping as diffusers' clip_sample with use_clipped_model_output (eps re-derived from the clipped x0)."""
     float64 = dtype == torch.float64
-    sched = scheduler(DDIMScheduler, schedule, prediction, clip=True, float64=float64, set_alpha_to_one=True,
+    sched = scheduler(DDIMScheduler, schedule, prediction, clip=clip, float64=float64, set_alpha_to_one=True,
                       timestep_spacing=spacing)
     steps = 50
     sched.set_timesteps(steps)
     alpha_bar = pm.alpha_bar_from_betas(our_betas(schedule))
-    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    x_T = 3 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=dtype)  # 3x: clipping acts
+    their_noise = torch.Generator().manual_seed(9)
     theirs, x = [x_T], x_T
     for t in sched.timesteps:
-        x = sched.step(toy_denoiser(x, int(t)), t, x, eta=0.0).prev_sample
-        theirs.append(x)
-    ours = list(pm.ddim_sample(lambda x_t, t: toy_denoiser(x_t, t), x_T, alpha_bar, prediction, steps, eta=0.0,
-                               spacing=spacing))
+        z = torch.randn(x.shape, generator=their_noise, dtype=dtype) if eta > 0 else None
+        x = sched.step(toy_denoiser(x, int(t)), t, x, eta=eta, variance_noise=z, use_clipped_model_output=clip)
+        theirs.append(x.prev_sample)
+        x = x.prev_sample
+    ours = list(pm.ddim_sample(lambda x_t, t: toy_denoiser(x_t, t), x_T, alpha_bar, prediction, steps, eta=eta,
+                               generator=torch.Generator().manual_seed(9), clip=clip, spacing=spacing))
     assert len(ours) == steps + 1
     assert [t for t, _ in ours] == [int(t) + 1 for t in sched.timesteps] + [0]
     tol = 1e-5 if float64 else 1e-4
@@ -147,19 +173,31 @@ def test_ddim_eta0_trajectory_matches_diffusers(schedule, prediction, spacing, d
         torch.testing.assert_close(a, b.to(dtype), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_ddim_step_with_eta_and_injected_noise_matches_diffusers(prediction):
-    sched = scheduler(DDIMScheduler, "cosine", prediction, clip=False, set_alpha_to_one=True)
-    sched.set_timesteps(20)
-    alpha_bar = pm.alpha_bar_from_betas(our_betas("cosine"))
-    g = torch.Generator().manual_seed(4)
-    x_t = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
-    noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
-    for t in [int(sched.timesteps[0]), int(sched.timesteps[-1])]:  # the first and the last step (t_prev = -1)
-        output = toy_denoiser(x_t, t)
-        theirs = sched.step(output, t, x_t, eta=0.7, variance_noise=noise).prev_sample
-        ours = pm.ddim_step(output, x_t, t, t - T // 20, alpha_bar, 0.7, noise, prediction, clip=False)
-        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+def test_run_sampler_refuses_bad_eta_and_samplers():
+    betas = pm.cosine_beta_schedule(T)
+    alpha_bar = pm.alpha_bar_from_betas(betas)
+    x_T = torch.zeros(1, 3, 2, 2)
+    for eta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="eta must be between 0 and 1"):
+            pm.run_sampler(toy_denoiser, x_T, betas, alpha_bar, "v", "ddim", 10, eta)
+    with pytest.raises(ValueError, match="sampler must be"):
+        pm.run_sampler(toy_denoiser, x_T, betas, alpha_bar, "v", "plms")
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_one_generator_per_image_makes_samples_independent_of_the_batch(sampler, eta):
+    betas = pm.cosine_beta_schedule(100)
+    alpha_bar = pm.alpha_bar_from_betas(betas)
+    x_T = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    def run(x, generators):
+        return pm.final(pm.run_sampler(toy_denoiser, x, betas, alpha_bar, "v", sampler, 10, eta, generators))
+
+    together = run(x_T, image_generators(7, 5, "cpu"))
+    generators = image_generators(7, 5, "cpu")
+    apart = torch.cat([run(x_T[:2], generators[:2]), run(x_T[2:], generators[2:])])
+    torch.testing.assert_close(together, apart, rtol=0, atol=0)
+    assert not torch.equal(together, run(x_T, image_generators(8, 5, "cpu")))
 
 
 def test_ddpm_sampler_yields_every_step_and_is_seeded():
@@ -200,6 +238,20 @@ def test_guidance_is_one_batched_forward(w):
     uncond = (pm.NULL_DIGIT * 10 + dataset).float().reshape(-1, 1, 1, 1)  # the reference keeps the dataset
     torch.testing.assert_close(out, ((1 + w) * cond - w * uncond).expand_as(x))
     assert model.calls == ([3] if w == 0 else [6])
+
+
+def test_guidance_is_combined_in_float32():
+    """(1 + w) c - w u with c = 1 + 2^-7, u = 1, w = 5 is 1.046875 exactly; bf16 arithmetic would round 6c first."""
+    class HalfModel(torch.nn.Module):
+        def forward(self, x, t, digit, dataset):
+            values = torch.where(digit == pm.NULL_DIGIT, 1.0, 1 + 2**-7).to(torch.bfloat16)
+            return values.reshape(-1, 1, 1, 1).expand(x.shape)
+
+    out = pm.guided_output(HalfModel(), torch.zeros(2, 3, 2, 2), torch.tensor([5, 5]), torch.tensor([1, 2]),
+                           torch.tensor([0, 1]), 5.0)
+    bf16 = 6 * torch.tensor(1 + 2**-7, dtype=torch.bfloat16) - 5 * torch.tensor(1.0, dtype=torch.bfloat16)
+    assert out.dtype == torch.float32 and bool((out == 1.046875).all()), out.flatten()[:2]
+    assert float(bf16) != 1.046875  # the cancellation bf16 arithmetic would have made
 
 
 def test_drop_labels_each_label_independently():
@@ -260,27 +312,3 @@ def test_config_round_trip_and_errors():
         pm.P1Config(schedule="quadratic")
     with pytest.raises(ValueError, match="halved"):
         pm.P1Config(unshuffle=2, widths=(8, 16, 32, 64))
-
-
-@pytest.mark.parametrize("schedule,prediction", [("linear", "eps"), ("cosine", "v")])
-def test_loss_is_finite_and_learns(schedule, prediction):
-    """A few AdamW steps on one fixed batch reduce the loss (course schedule and the toy preset's)."""
-    torch.manual_seed(0)
-    config = pm.P1Config(unshuffle=2, widths=(16, 32), blocks_per_level=1, embed_dim=32, schedule=schedule,
-                         prediction=prediction)
-    model = pm.Diffusion(config)
-    x0 = torch.rand(8, 3, 28, 28) * 2 - 1
-    digit, dataset = torch.arange(8) % 10, torch.arange(8) % 2
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-
-    def fixed_loss():
-        return model.loss(x0, digit, dataset, torch.Generator().manual_seed(0))
-
-    before = fixed_loss().item()
-    for _ in range(15):
-        loss = model.loss(x0, digit, dataset)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    after = fixed_loss().item()
-    assert math.isfinite(before) and after < before, f"loss {before:.4f} -> {after:.4f}"

@@ -1,5 +1,7 @@
-"""P1 training: data validation, exact resume, DDP on 2 CPU processes (gloo), and the helpers."""
+"""P1 training: bad data through the CLI, exact resume, DDP on 2 CPU processes (gloo), and the helpers."""
 
+import copy
+import math
 import os
 import re
 import shutil
@@ -12,63 +14,15 @@ import pytest
 import torch
 
 import p1_train
+from p1_model import Diffusion, P1Config, preset
 from utils import Hw2Error, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def small_digits(toy_world, tmp_path, rows=8):
-    """A copy of the toy digits with only the first `rows` training images per dataset (tests may damage it)."""
-    root = tmp_path / "hw2_data"
-    (root / "TOY").parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(toy_world / "TOY", root / "TOY")
-    for name in ("mnistm", "svhn"):
-        src, dst = toy_world / "digits" / name, root / "digits" / name
-        (dst / "data").mkdir(parents=True)
-        lines = (src / "train.csv").read_text().splitlines()[: rows + 1]
-        (dst / "train.csv").write_text("\n".join(lines) + "\n")
-        for line in lines[1:]:
-            file_name = line.split(",")[0]
-            shutil.copy(src / "data" / file_name, dst / "data" / file_name)
-    return root / "digits"
-
-
-def test_load_split_of_the_toy_world(toy_world):
-    images, digits, dataset_ids = p1_train.load_split(toy_world / "digits", "train", limit=20)
-    assert images.shape == (40, 3, 28, 28) and images.dtype == torch.uint8
-    assert dataset_ids.tolist() == [0] * 20 + [1] * 20
-    assert 0 <= digits.min() and digits.max() <= 9
-    x = p1_train.to_model_range(images)
-    assert -1 <= x.min() and x.max() <= 1
-
-
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / "svhn" / "train.csv").unlink(), "label file not found"),
-    (lambda d: (d / "svhn" / "train.csv").write_text("name,digit\n00000.png,1\n"), "header"),
-    (lambda d: (d / "svhn" / "train.csv").write_text("image_name,label\n00000.png\n"), "line 2 is malformed"),
-    (lambda d: (d / "svhn" / "train.csv").write_text("image_name,label\n00000.png,10\n"), "not a digit 0..9"),
-    (lambda d: (d / "svhn" / "train.csv").write_text("image_name,label\n00000.png,-1\n"), "not a digit 0..9"),
-    (lambda d: (d / "svhn" / "train.csv").write_text("image_name,label\n"), "lists no images"),
-    (lambda d: (d / "svhn" / "train.csv").write_bytes(b"image_name,label\n\xff\xfe,1\n"), "cannot read"),
-    (lambda d: (d / "svhn" / "train.csv").write_text("image_name,label\nnope.png,1\n"), "does not exist"),
-    (lambda d: (d / "svhn" / "data" / "00000.png").write_bytes(b"not a png"), "cannot read image"),
-])
-def test_bad_data_is_one_clear_error(toy_world, tmp_path, damage, message):
-    data = small_digits(toy_world, tmp_path)
-    first = (data / "svhn" / "train.csv").read_text().splitlines()[1].split(",")[0]
-    if first != "00000.png":  # the damage above assumes the first listed file
-        os.replace(data / "svhn" / "data" / first, data / "svhn" / "data" / "00000.png")
-        text = (data / "svhn" / "train.csv").read_text()
-        (data / "svhn" / "train.csv").write_text(text.replace(first, "00000.png", 1))
-    damage(data)
-    with pytest.raises(Hw2Error, match=message) as err:
-        p1_train.load_split(data, "train")
-    assert "svhn" in str(err.value)
-
-
-def test_bad_data_through_the_cli(toy_world, tmp_path):
-    data = small_digits(toy_world, tmp_path)
+def test_bad_data_through_the_cli(small_digits, tmp_path):
+    data = small_digits()
     (data / "mnistm" / "train.csv").write_text("image_name,label\n00000.png,x\n")
     result = subprocess.run([sys.executable, "p1_train.py", "--data", str(data), "--out", str(tmp_path / "out")],
                             cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -123,6 +77,65 @@ def test_resume_is_exact(toy_world, tmp_path):
     assert straight["config"]["schedule"] == "cosine" and straight["train"]["lr"] == 2e-3  # toy preset
 
 
+class CountedReads(torch.Tensor):
+    """A loss tensor that counts how often it, or anything computed from it, is read back to the host."""
+    reads = 0
+
+    def item(self):
+        CountedReads.reads += 1
+        return super().item()
+
+
+def test_the_loss_is_read_back_once_per_log_interval_not_every_step(toy_world, tmp_path, monkeypatch):
+    real_step = p1_train.train_step
+    monkeypatch.setattr(p1_train, "train_step", lambda *args: real_step(*args).as_subclass(CountedReads))
+    monkeypatch.setattr(p1_train, "LOG_EVERY", 3)
+    monkeypatch.setattr(CountedReads, "reads", 0)
+    p1_train.main(["--data", str(toy_world / "digits"), "--out", str(tmp_path), "--limit", "16", "--batch-size", "8",
+                   "--epochs", "1", "--grid-every", "0", "--device", "cpu"])
+    assert load_checkpoint(tmp_path / p1_train.CHECKPOINT_NAME)["step"] == 4  # 32 images, batch 8
+    assert CountedReads.reads == 2, f"{CountedReads.reads} reads in 4 steps: after step 3 and at the epoch's end"
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+    """A few of p1_train's own optimizer steps (autocast, scaler, clipping, AdamW, LR schedule, EMA) on one batch,
+    for the course's schedule and the toy preset's: the loss at fixed noise and timesteps goes down."""
+    for schedule, prediction in (("linear", "eps"), ("cosine", "v")):
+        torch.manual_seed(0)
+        config = preset("toy", widths=(16, 32), embed_dim=32, schedule=schedule, prediction=prediction)
+        diffusion = Diffusion(config)
+        ema = copy.deepcopy(diffusion).requires_grad_(False)
+        settings = p1_train.TrainSettings(**{**p1_train.TRAIN_PRESETS["toy"], "lr": 3e-3, "warmup_steps": 1,
+                                             "limit": 0, "seed": 0})
+        optimization = p1_train.build_optimization(diffusion, settings, 100, torch.device("cpu"))
+        batch = (torch.rand(8, 3, 28, 28) * 2 - 1, torch.arange(8) % 10, torch.arange(8) % 2)
+
+        def fixed_loss():
+            with torch.no_grad():
+                return diffusion.loss(*batch, torch.Generator().manual_seed(0)).item()
+
+        before = fixed_loss()
+        losses = [p1_train.train_step(diffusion.net, diffusion, ema, optimization, batch, settings).item()
+                  for _ in range(15)]
+        after = fixed_loss()
+        assert all(math.isfinite(loss) for loss in losses) and after < before, \
+            f"{schedule}/{prediction}: loss {before:.4f} -> {after:.4f}"
+        assert optimization[1].last_epoch == 15 and not torch.equal(ema.net.conv_in.weight,
+                                                                     diffusion.net.conv_in.weight)
+
+
+def test_real_data_gets_the_full_preset(small_digits, tmp_path, capsys):
+    """A digits tree without the toy world's marker is real data: the full preset, unless --preset says otherwise."""
+    data = small_digits(rows=8, toy=False)
+    p1_train.main(["--data", str(data), "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "8",
+                   "--grid-every", "0", "--device", "cpu"])
+    assert "Toy world" not in capsys.readouterr().out
+    state = load_checkpoint(tmp_path / "out" / p1_train.CHECKPOINT_NAME)
+    assert P1Config.from_dict(state["config"]) == preset("full")
+    expected = {**p1_train.TRAIN_PRESETS["full"], "epochs": 1, "batch_size": 8, "grid_every": 0}
+    assert {key: state["train"][key] for key in expected} == expected
+
+
 def test_resume_refuses_a_foreign_checkpoint(tmp_path):
     from utils import save_checkpoint
     save_checkpoint(tmp_path / "other.safetensors", {"config": {"depth": 3}, "model": {}})
@@ -136,15 +149,49 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_cpu_processes_hold_identical_weights(toy_world, tmp_path):
+def torchrun(*args):
+    """p1_train.py in 2 CPU processes (gloo); returns stdout after checking that both ranks hold the same weights."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "p1_train.py", "--data", str(toy_world / "digits"), "--out", str(tmp_path), "--limit", "16",
-         "--batch-size", "4", "--epochs", "1", "--grid-every", "0", "--device", "cpu"],
+         "p1_train.py", "--device", "cpu", *[str(a) for a in args]],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d): weights sha256 ([0-9a-f]{64})", result.stdout))
-    assert sorted(digests) == ["0", "1"], result.stdout[-2000:]
-    assert digests["0"] == digests["1"]
-    state = load_checkpoint(tmp_path / p1_train.CHECKPOINT_NAME)  # rank 0 wrote it
-    assert state["step"] == 4  # 32 images / 2 ranks / batch 4
+    assert sorted(digests) == ["0", "1"] and digests["0"] == digests["1"], result.stdout[-2000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("model", [["--preset", "toy", "--dropout", "0.1"],
+                                   pytest.param(["--preset", "full"], marks=pytest.mark.slow)], ids=["toy", "full"])
+def test_ddp_resume_is_exact_with_dropout_and_works_on_another_world_size(toy_world, tmp_path, capsys, model):
+    """2 processes with dropout 0.1 (the toy model given dropout; the full preset, 16 M parameters, when slow tests
+    run): 2 epochs straight == 1 epoch + --resume, bit for bit, so each rank's dropout stream came back as it was.
+    The images are decoded once, into one shared cache file."""
+    flags = ["--data", toy_world / "digits", *model, "--limit", "16", "--batch-size", "4", "--epochs", "2",
+             "--grid-every", "0"]
+    torchrun(*flags, "--out", tmp_path / "straight")
+    torchrun(*flags, "--out", tmp_path / "split", "--stop-after", "1")
+    split = tmp_path / "split" / p1_train.CHECKPOINT_NAME
+    first = load_checkpoint(split)
+    assert first["epoch"] == 1 and len(first["rng"]) == 2 and first["config"]["dropout"] == 0.1
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(split, single / p1_train.CHECKPOINT_NAME)
+    torchrun("--resume", split, "--data", toy_world / "digits", "--out", tmp_path / "split")
+    straight, resumed = load_checkpoint(tmp_path / "straight" / p1_train.CHECKPOINT_NAME), load_checkpoint(split)
+    assert straight["step"] == resumed["step"] == 8  # 32 images / 2 ranks / batch 4, 2 epochs
+    for key in ("model", "ema"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
+    assert not torch.equal(first["model"]["conv_in.weight"], straight["model"]["conv_in.weight"])  # it trained
+    assert len(list((tmp_path / "straight" / "cache").iterdir())) == 1
+    # one process resuming the 2-process checkpoint of epoch 1: it trains epoch 2 and says the streams now differ
+    capsys.readouterr()
+    p1_train.main(["--resume", str(single / p1_train.CHECKPOINT_NAME), "--data", str(toy_world / "digits"), "--out",
+                   str(single), "--device", "cpu"])
+    warning = capsys.readouterr().err
+    assert "warning: the checkpoint holds the random states of 2 process(es) and this run has 1" in warning
+    state = load_checkpoint(single / p1_train.CHECKPOINT_NAME)
+    assert state["epoch"] == 2 and state["step"] == 4 + 8 and len(state["rng"]) == 1  # 32 images / batch 4
+
+

@@ -13,20 +13,18 @@ from torchvision.utils import save_image
 import p2_ddim
 from p2_ddim import (
     DIFFUSERS_DDIM_CONFIG,
+    course_timesteps,
     ddim_sample,
     ddim_sample_progressive,
-    ddim_sigma,
-    ddim_step,
-    ddim_timesteps,
-    image_generators,
     linear_alpha_bar,
     load_noise,
     mse_255,
     noise_paths,
+    predict_x0,
     to_display,
 )
 from p2_unet import load_face_unet
-from utils import Hw2Error, to_uint8
+from utils import Hw2Error, ddim_sigma, ddim_step, image_generators, to_uint8
 
 
 def diffusers_scheduler(num_steps):
@@ -40,17 +38,17 @@ def diffusers_scheduler(num_steps):
 
 @pytest.mark.parametrize("num_steps", [50, 10, 7, 1, 999])
 def test_timesteps_are_diffusers_leading_spacing_with_offset_one(num_steps):
-    ours = ddim_timesteps(num_steps)
-    assert [t for t, _ in ours] == diffusers_scheduler(num_steps).timesteps.tolist()
-    assert all(t - t_prev == 1000 // num_steps for t, t_prev in ours)
+    ours = course_timesteps(num_steps)
+    assert ours == diffusers_scheduler(num_steps).timesteps.tolist()
+    assert all(t - t_next == 1000 // num_steps for t, t_next in zip(ours, ours[1:]))
 
 
 def test_the_course_sequence_is_981_to_1():
-    ours = ddim_timesteps(50)
-    assert ours[0] == (981, 961) and ours[-1] == (1, -19) and len(ours) == 50
+    ours = course_timesteps(50)
+    assert ours[0] == 981 and ours[-1] == 1 and len(ours) == 50
     for bad in [0, 1000]:
-        with pytest.raises(ValueError):
-            ddim_timesteps(bad)
+        with pytest.raises(ValueError, match="between 1 and 999"):
+            course_timesteps(bad)
 
 
 def test_alpha_bar_matches_diffusers():
@@ -76,14 +74,16 @@ def test_sigma_is_zero_for_ddim_and_the_ddpm_posterior_std_for_eta_one():
 
 @pytest.mark.parametrize("t", [981, 501, 1])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_step_matches_diffusers_step(t, eta):
+def test_the_course_step_matches_diffusers_step(t, eta):
+    """x0_pred clamped, eps unclamped, then the shared DDIM update: diffusers' step in the course configuration."""
     scheduler = diffusers_scheduler(50)
     generator = torch.Generator().manual_seed(t)
     x_t, eps, z = (torch.randn(2, 3, 8, 8, generator=generator) for _ in range(3))
     eps = eps * 3  # large eps: x0_pred leaves [-1, 1], so the clamp is exercised
     alpha_bar = linear_alpha_bar()
-    a_prev = float(alpha_bar[max(t - 20, 0)])
-    ours, x0_pred = ddim_step(x_t, eps, float(alpha_bar[t]), a_prev, eta, noise=z)
+    a_t, a_prev = float(alpha_bar[t]), float(alpha_bar[max(t - 20, 0)])
+    x0_pred = predict_x0(x_t, eps, a_t).clamp(-1, 1)
+    ours = ddim_step(x0_pred, eps, a_t, a_prev, eta, noise=z)
     theirs = scheduler.step(eps, t, x_t, eta=eta, variance_noise=z)
     torch.testing.assert_close(ours, theirs.prev_sample, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x0_pred, theirs.pred_original_sample, atol=1e-5, rtol=1e-5)
@@ -214,6 +214,18 @@ def test_precision_other_than_fp32_is_refused_off_cuda():
         p2_ddim.precision_context(torch.device("cpu"), "fp16")
 
 
+@pytest.mark.parametrize("matmul, cudnn", [(True, True), (False, True)])
+def test_fp32_on_cuda_turns_tf32_off_and_restores_it(monkeypatch, matmul, cudnn):
+    """The flags only: this test needs no GPU. cuDNN's default (allow_tf32 = True) would run convolutions in TF32."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", matmul)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn)
+    with p2_ddim.precision_context(torch.device("cuda"), "fp32"):
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (matmul, cudnn)
+    with p2_ddim.precision_context(torch.device("cpu"), "fp32"):  # off CUDA nothing changes
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (matmul, cudnn)
+
+
 # -------------------------------------------------------------------------- the script, in process
 
 
@@ -226,21 +238,6 @@ def run_main(argv, capsys):
         status = exit_.code
     captured = capsys.readouterr()
     return status, captured.out, captured.err
-
-
-def test_full_schedule_reproduces_the_toy_ground_truth(toy_world, tmp_path, capsys):
-    """50 steps on the first toy noise: the course's (diffusers-made) ground truth within MSE 1.
-
-    tests/test_p2_scripts.py has the same check on all ten (marked slow)."""
-    face = toy_world / "face"
-    noise = tmp_path / "noise"
-    noise.mkdir()
-    shutil.copy(face / "noise" / "00.pt", noise / "00.pt")
-    status, out, err = run_main([noise, tmp_path / "out", face / "UNet.pt", "--gt", face / "GT"], capsys)
-    assert status == 0, err
-    mean = float(re.search(r"mean MSE over 1 images \(0-255 scale\): ([\d.]+)", out).group(1))
-    assert mean < 1, out
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["00.png"]
 
 
 @pytest.fixture()
@@ -283,13 +280,20 @@ def break_out_dir(face):
     return [], "cannot write to OUT_DIR"
 
 
+def break_argument_order(face):
+    return [], "the arguments are NOISE_DIR OUT_DIR UNET_PT"
+
+
 @pytest.mark.parametrize("breaker", [break_shape, break_dtype, break_gap, break_architecture, break_gt_size,
-                                     break_out_dir])
+                                     break_out_dir, break_argument_order])
 def test_bad_input_is_one_line_exit_1_and_no_images(bad_input_world, capsys, breaker):
     face = bad_input_world
     flags, reason = breaker(face)
     out_dir = face / "a_file" / "out" if breaker is break_out_dir else face / "out"
-    status, _, err = run_main([face / "noise", out_dir, face / "UNet.pt", *flags], capsys)
+    paths = [face / "noise", out_dir, face / "UNet.pt"]
+    if breaker is break_argument_order:  # the UNet where OUT_DIR belongs, the folder last
+        paths = [face / "noise", face / "UNet.pt", out_dir]
+    status, _, err = run_main([*paths, *flags], capsys)
     assert status == 1
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert reason in err, err

@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+import p2_interpolate
 from p2_interpolate import ALPHAS, clamped_cosine, lerp, slerp
 
 
@@ -16,8 +18,32 @@ def orthogonal_pair(norm=3.0):
     return x0, x1
 
 
-def test_alphas_are_0_to_1_in_tenths():
-    assert ALPHAS == pytest.approx([i / 10 for i in range(11)]) and ALPHAS[0] == 0.0 and ALPHAS[-1] == 1.0
+def closed_form_slerp(x0, x1, alpha):
+    """Shoemake's formula in numpy float64, for comparison."""
+    v0, v1 = x0.double().numpy().ravel(), x1.double().numpy().ravel()
+    theta = np.arccos(v0 @ v1 / (np.linalg.norm(v0) * np.linalg.norm(v1)))
+    return (np.sin((1 - alpha) * theta) * v0 + np.sin(alpha * theta) * v1) / np.sin(theta)
+
+
+def test_the_script_samples_alpha_0_to_1_in_tenths_by_both_methods(toy_world, tmp_path, monkeypatch):
+    """main() hands the sampler 11 noises per method: slerp and lerp of 00.pt, 01.pt at alpha = k / 10, in order."""
+    sampled = {}
+
+    def record(model, noises, *args, desc, **kwargs):
+        sampled[desc] = noises.clone()
+        return noises
+
+    monkeypatch.setattr(p2_interpolate, "sample_all", record)
+    face = toy_world / "face"
+    p2_interpolate.main([str(face / "noise"), str(tmp_path / "out"), str(face / "UNet.pt"), "--device", "cpu"])
+    x0, x1 = (torch.load(face / "noise" / name, weights_only=True) for name in ("00.pt", "01.pt"))
+    assert sorted(sampled) == ["linear", "slerp"] and all(len(noises) == 11 for noises in sampled.values())
+    for k in range(11):
+        expected = closed_form_slerp(x0, x1, k / 10)
+        np.testing.assert_allclose(sampled["slerp"][k].double().numpy().ravel(), expected, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"slerp frame {k}")
+        torch.testing.assert_close(sampled["linear"][k], (1 - k / 10) * x0[0] + k / 10 * x1[0])
+    assert sorted(p.name for p in (tmp_path / "out" / "slerp").iterdir()) == [f"{k:02d}.png" for k in range(11)]
 
 
 def test_endpoints_are_exact():
@@ -43,13 +69,20 @@ def test_linear_interpolation_shrinks_the_midpoint_of_orthogonal_inputs():
 
 
 def test_cosine_is_clamped_to_minus_one_one():
-    x = torch.full((1, 3, 7, 7), 0.1)
-    v = x.double().flatten()
-    assert float((v @ v) / (v.norm() * v.norm())) > 1.0  # rounding: math.acos of this raises
-    assert clamped_cosine(x, x) == 1.0 and clamped_cosine(x, -x) == -1.0
-    assert clamped_cosine(torch.zeros_like(x), x) == 1.0
-    for alpha in ALPHAS:
-        assert torch.isfinite(slerp(x, x, alpha)).all() and torch.isfinite(slerp(x, -x, alpha)).all()
+    """For x = y, <x, y> / (|x| |y|) rounds to 1 +- a few ulp depending on the vector (and on the machine's BLAS);
+    among 120 random vectors some step above 1, where math.acos raises. Clamped, those give exactly 1 (and -1)."""
+    candidates = [torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+                  for size in (4, 7, 32) for seed in range(40)]
+    raw = [float((v @ v) / (v.norm() * v.norm())) for v in (x.double().flatten() for x in candidates)]
+    assert max(raw) > 1.0, f"no candidate rounds above 1 (largest {max(raw)!r}): the clamp is not exercised"
+    for x, unclamped in zip(candidates, raw):
+        same, opposite = clamped_cosine(x, x), clamped_cosine(x, -x)
+        assert -1.0 <= opposite <= -1 + 1e-12 and 1 - 1e-12 <= same <= 1.0, (unclamped, same, opposite)
+        if unclamped > 1.0:
+            assert same == 1.0 and opposite == -1.0, (unclamped, same, opposite)
+        for alpha in ALPHAS:
+            assert torch.isfinite(slerp(x, x, alpha)).all() and torch.isfinite(slerp(x, -x, alpha)).all()
+    assert clamped_cosine(torch.zeros_like(candidates[0]), candidates[0]) == 1.0
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

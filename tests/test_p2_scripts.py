@@ -55,12 +55,22 @@ def test_a_bad_input_exits_1_with_one_line(toy_world, tmp_path):
 
 def test_interpolation_writes_strips_and_frames(toy_world, tmp_path):
     face = toy_world / "face"
-    result = run("p2_interpolate.py", face / "noise", face / "UNet.pt", tmp_path / "interp", "--steps", "1")
+    result = run("p2_interpolate.py", face / "noise", tmp_path / "interp", face / "UNet.pt", "--steps", "1")
     assert result.returncode == 0, result.stderr
     for method in ["slerp", "linear"]:
         frames = sorted(p.name for p in (tmp_path / "interp" / method).iterdir())
         assert frames == [f"{i:02d}.png" for i in range(11)]
         assert Image.open(tmp_path / "interp" / f"{method}.png").width > 11 * 64
+
+
+@pytest.mark.parametrize("script", ["p2_ddim.py", "p2_interpolate.py"])
+def test_the_unet_passed_as_out_dir_is_one_clear_line(toy_world, tmp_path, script):
+    """The old p2_interpolate order (NOISE_DIR UNET_PT OUT_DIR) is refused by name, before anything is read."""
+    face = toy_world / "face"
+    result = run(script, face / "noise", face / "UNet.pt", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "the arguments are NOISE_DIR OUT_DIR UNET_PT" in result.stderr and str(face / "UNet.pt") in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_grader_command_on_a_full_size_course_format_checkpoint(tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from p2_unet import FaceUNet, ResBlock, SelfAttention, face_unet_from_state_dict, load_face_unet
 from utils import Hw2Error
 
-KEY_LIST = Path(__file__).parent / "data" / "face_unet_keys.txt"  # copy of ../shared/specs/face_unet_keys.txt
+KEY_LIST = Path(__file__).parent / "data" / "face_unet_keys.txt"  # the course checkpoint's entries and shapes
 
 
 def meta_model(base):

@@ -77,6 +77,14 @@ def test_amp_dtype_none_off_cuda():
     assert utils.amp_dtype(torch.device("mps"), cpu_bf16=True) is None
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True),
+                                                       (False, True, True), (True, True, True)])
+def test_cpu_has_native_bf16_reads_both_cpu_features(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert utils.cpu_has_native_bf16() is expected
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native)

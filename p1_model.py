@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import ddim_step, ddim_timesteps, standard_normal
+from ddim import ddim_step, ddim_timesteps
+from utils import standard_normal
 
 NUM_DIGITS = 10
 NUM_DATASETS = 2

@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ddim import ddim_step, ddim_timesteps
 from p2_unet import load_face_unet
 from utils import (
     Hw2Error,
     announce_toy_world,
-    ddim_step,
-    ddim_timesteps,
     ensure_writable_dir,
     get_device,
     image_generators,

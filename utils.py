@@ -1,5 +1,5 @@
-"""Shared plumbing for the hw2 scripts: device, mixed precision, seeding, per-image noise, the DDIM update that
-P1 and P2 both use, safe I/O, toy-world detection.
+"""Shared plumbing for the hw2 scripts: device, mixed precision, seeding, per-image noise, safe I/O, toy-world
+detection.
 
 Everything here is small and independent of any one problem. Errors meant for the user are raised as
 `Hw2Error`; `run_cli` turns them into one line on stderr and exit status 1.
@@ -7,7 +7,6 @@ Everything here is small and independent of any one problem. Errors meant for th
 
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -122,53 +121,6 @@ def standard_normal(shape, generator, device, dtype=torch.float32):
         return torch.cat(rows) if rows else torch.empty(shape, device=device, dtype=dtype)
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
-
-
-# ------------------------------------------------------------------------------------------------- DDIM
-# Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM). alpha_bar_t is the cumulative product of
-# (1 - beta) (the paper's alpha_t), x0_pred the "predicted x_0" and eps the noise estimate of eq. (12).
-
-
-def ddim_timesteps(num_train_timesteps, steps, spacing="leading", offset=0):
-    """The DDIM timesteps, largest first, as diffusers' DDIMScheduler.set_timesteps makes them.
-
-    "leading": i * (T // steps) + offset; the course's offset 1 gives 981, 961, ..., 1 for 50 steps.
-    "trailing": round(T - i * T / steps) - 1, which starts at T - 1, where x_T ~ N(0, I) belongs (Lin et al. 2024).
-    The step after the last timestep goes to "before timestep 0"; what alpha_bar that is, is the caller's choice.
-    """
-    most = num_train_timesteps - offset if spacing == "leading" else num_train_timesteps
-    if spacing not in ("leading", "trailing"):
-        raise ValueError(f"spacing must be 'leading' or 'trailing', got {spacing!r}")
-    if not 1 <= steps <= most:
-        raise ValueError(f"the number of DDIM steps must be between 1 and {most}, got {steps}")
-    if spacing == "leading":
-        return [i * (num_train_timesteps // steps) + offset for i in reversed(range(steps))]
-    return [round(num_train_timesteps - i * num_train_timesteps / steps) - 1 for i in range(steps)]
-
-
-def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
-    """sigma_t(eta) of DDIM eq. (16): eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev).
-
-    eta = 0 is deterministic DDIM; eta = 1 is the DDPM posterior standard deviation.
-    """
-    return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
-
-
-def ddim_step(x0_pred, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
-    """One DDIM update x_t -> x_{t_prev} (DDIM eq. 12) from the pair (x0_pred, eps); the alpha_bars are floats.
-
-    x_prev = sqrt(a_prev) x0_pred                    "predicted x_0"
-           + sqrt(1 - a_prev - sigma_t^2) eps        "direction pointing to x_t"
-           + sigma_t noise                           "random noise", noise ~ N(0, I), needed when eta > 0
-    """
-    sigma_t = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
-    # 1 - a_prev - sigma^2 = (1 - a_prev)^2 a_t / (a_prev (1 - a_t)) at eta = 1: >= 0, up to rounding
-    x_prev = math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma_t**2)) * eps
-    if eta > 0:
-        if noise is None:
-            raise ValueError(f"eta = {eta} > 0 needs the per-step noise: pass noise=")
-        x_prev = x_prev + sigma_t * noise
-    return x_prev
 
 
 # ---------------------------------------------------------------------------------------- atomic writes

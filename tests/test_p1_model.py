@@ -7,7 +7,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import p1_model as pm
-from utils import ddim_timesteps, image_generators
+from ddim import ddim_timesteps
+from utils import image_generators
 
 T = 1000
 SCHEDULES = ["linear", "cosine"]

@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 import p2_ddim
+from ddim import ddim_sigma, ddim_step
 from p2_ddim import (
     DIFFUSERS_DDIM_CONFIG,
     course_timesteps,
@@ -24,7 +25,7 @@ from p2_ddim import (
     to_display,
 )
 from p2_unet import load_face_unet
-from utils import Hw2Error, ddim_sigma, ddim_step, image_generators, to_uint8
+from utils import Hw2Error, image_generators, to_uint8
 
 
 def diffusers_scheduler(num_steps):

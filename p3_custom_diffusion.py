@@ -330,10 +330,18 @@ def parse_concepts(args):
     repeated = sorted({t for t in tokens if tokens.count(t) > 1})
     if repeated:
         raise Hw2Error(f"token {repeated[0]} is given to more than one concept; each concept needs its own token")
-    for flag, named in (("--style", styles), ("--class-data-dir", {t for t, _ in args.class_data_dir or []})):
+    for token in tokens:
+        if any(separator in token for separator in "/\\"):
+            raise Hw2Error(f"token {token!r} names files (<token>.safetensors): it cannot hold / or \\")
+    given = {t for t, _ in args.class_data_dir or []}
+    for flag, named in (("--style", styles), ("--class-data-dir", given)):
         unknown = sorted(named - set(tokens))
         if unknown:
             raise Hw2Error(f"{flag} {unknown[0]}: no concept has that token (tokens: {', '.join(tokens)})")
+    without = [t for t in tokens if t not in given]
+    if given and without and not args.num_class_images:
+        raise Hw2Error(f"--num-class-images 0 with --class-data-dir for some concepts: give one for "
+                       f"{', '.join(without)} too, or class images to generate for it")
     for concept in concepts:
         concept_image_paths(concept.folder)
     for _, folder in args.class_data_dir or []:

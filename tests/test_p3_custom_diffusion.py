@@ -2,7 +2,6 @@
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,10 @@ import custom_diffusion_io as cdio
 import p3_concepts as concepts
 import p3_custom_diffusion as cd
 import sd_v1
+from benchmarks.p3_cd_bench import step_counts
 from utils import Hw2Error
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 PROMPT = "a <new1> next to a <cat1> in the style of <new2>"
 # large enough that two steps move the outputs far beyond the 1e-5 equivalence tolerance
 TEST_LR = "5e-3"
@@ -125,6 +124,22 @@ def test_diffusers_and_our_loader_reproduce_the_training_model(trained, base_pip
         assert difference <= 1e-5, f"{name}: max |diff| {difference:.2e} from the training-time model"
     change = (expected - base).abs().max().item()
     assert change > 1e-3, f"the trained W_k, W_v moved the output by only {change:.2e} from the base model's"
+
+
+def test_the_docs_loading_snippet_reproduces_the_training_model(trained, toy_sd):
+    """The python block of docs/p3.md that loads our files with diffusers' public classes, run as written."""
+    out, trained_pipe = trained
+    docs = (REPO / "docs" / "p3.md").read_text()
+    section = docs[docs.index("### Loading the files in your own diffusers code"):]
+    snippet = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+    assert '"checkpoints/p3_cd"' in snippet and '"CompVis/stable-diffusion-v1-4"' in snippet
+    snippet = snippet.replace('"checkpoints/p3_cd"', repr(str(out)))
+    snippet = snippet.replace('"CompVis/stable-diffusion-v1-4"', repr(str(toy_sd)))
+    namespace = {}
+    exec(snippet, namespace)
+    trained_pipe.unet.eval()
+    difference = (unet_output(namespace["pipe"]) - unet_output(trained_pipe)).abs().max().item()
+    assert difference <= 1e-5, f"the docs' snippet gives a UNet {difference:.2e} away from the training-time model"
 
 
 def test_our_loader_reads_diffusers_save_attn_procs_and_takes_effect(base_pipe, tmp_path):
@@ -295,6 +310,9 @@ def test_bad_training_input_is_one_clear_error(trained, ti_dir, tmp_path):
         ([*cat, "--class-data-dir", "<new9>", str(ti_dir / "0")], "--class-data-dir <new9>"),
         ([*cat, "--class-data-dir", "<cat1>", str(tmp_path)], "holds no image"),
         ([*cat, "--num-class-images", "-1"], "--num-class-images must be at least 0"),
+        ([*cat, "--concept", str(ti_dir / "0"), "<new1>", "rocket", "--class-data-dir", "<cat1>", str(ti_dir / "cat"),
+          "--num-class-images", "0"], "give one for <new1> too"),
+        (["--concept", str(ti_dir / "cat"), "<../cat1>", "cat"], "cannot hold"),
         (["--concept", str(ti_dir / "cat"), "<|endoftext|>", "cat", "--num-class-images", "0"], "already in the"),
         (["--concept", str(tmp_path / "nowhere"), "<cat1>", "cat"], "not found"),
     ]
@@ -334,3 +352,17 @@ def test_bad_weights_are_one_clear_error(trained, ti_dir, base_pipe, tmp_path):
     (corrupt / cdio.WEIGHTS_FILE).write_bytes(b"garbage")
     with pytest.raises(Hw2Error, match="cannot read"):
         cdio.load_custom_diffusion(base_pipe(), corrupt)
+
+
+# -------------------------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_counts_sd14_trainable_parameters_in_closed_form():
+    """SD v1.4: cross-attention in 3 down levels x 2 blocks, the middle block, 3 up levels x 3 blocks; each layer's
+    W_k and W_v map the 768-d text features to the level's width."""
+    widths = [320, 640, 1280]
+    expected = 2 * 768 * (2 * sum(widths) + 1280 + 3 * sum(widths))
+    counts = step_counts("CD", 64, 1, 0, torch.float32)
+    assert counts["trained_params"] == expected == 19_169_280
+    # textual inversion's AdamW holds a gradient and two moments for the whole fp32 embedding table
+    assert step_counts("TI", 64, 1, 0, torch.float32)["trained_state"] == 3 * 49408 * 768 * 4

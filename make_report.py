@@ -3,18 +3,19 @@
     python make_report.py --data hw2_data --out report
     python make_report.py --data hw2_data --out report --quick      # toy world: tiny settings, seconds per part
 
-Writes `OUT/report.md` with its figures beside it (OUT/p1, OUT/p2, OUT/p3_zeroshot, OUT/p3_ti) and the output of
-each part's scripts in OUT/logs/<part>.log. Every number and image comes from the problem scripts' own functions
-(p1_inference, p1_eval, p2_ddim, p2_interpolate, p3_clip_zeroshot, p3_textual_inversion), run in this process.
+Writes `OUT/report.md` with its figures beside it (OUT/p1, OUT/p2, OUT/p3_zeroshot, OUT/p3_ti, OUT/p3_multi) and the
+output of each part's scripts in OUT/logs/<part>.log. Every number and image comes from the problem scripts' own
+functions (p1_inference, p1_eval, p2_ddim, p2_interpolate, p3_clip_zeroshot, p3_textual_inversion,
+p3_custom_diffusion), run in this process.
 
 A part whose prerequisite is missing (no checkpoint, no SD weights, no data) is skipped with one line, and the
 report says what was skipped and why. A part that fails unexpectedly is recorded too, with its traceback in its
 log; the other parts still run, and the exit status is then 1.
 
 `--quick` samples with very few steps (a preview, not the report's numbers). On a toy world (`toy_data.py`) it
-also trains, inside OUT, the short P1 model, P1 evaluator and textual-inversion embeddings it needs, so the
-report never depends on what lies in checkpoints/. Same inputs and seeds on the same device give the same
-figures, byte for byte.
+also trains, inside OUT, the short P1 model, P1 evaluator, textual-inversion embeddings and Custom Diffusion weights
+it needs, so the report never depends on what lies in checkpoints/. Same inputs and seeds on the same device give
+the same figures, byte for byte.
 """
 
 import argparse
@@ -33,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+import custom_diffusion_io
 import p1_eval
 import p1_inference
 import p1_train
@@ -41,6 +44,7 @@ import p2_ddim
 import p2_interpolate
 import p3_clip_zeroshot
 import p3_concepts
+import p3_custom_diffusion
 import p3_score
 import p3_textual_inversion
 import sd_v1
@@ -52,10 +56,12 @@ from utils import (
     atomic_write_text,
     find_toy_root,
     get_device,
+    labelled_grid,
     load_checkpoint,
     load_rgb,
     run_cli,
     save_grid,
+    save_pil,
 )
 
 HASH_LENGTH = 12  # hex digits of sha256 shown in the header
@@ -469,6 +475,136 @@ def p3_ti_part(context):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------- several concepts: TI vs Custom Diffusion
+
+CAT_FOLDER, CAT_TOKEN, CAT_WORD = "cat", "<cat1>", "cat"  # the provided cat photos, their token and class word
+# {0}, {1}: input.json's first two tokens (the dog and the style on the real data); {2}: the cat's token
+COMPARE_PROMPTS = ("A {0} next to a {2}.", "A {0} next to a {2} in the style of {1}.", "A {2} sitting on the {0}.")
+COMPARE_IMAGES = 4  # images per prompt and method, the same seeds for both methods
+# where the README trains extra textual-inversion concepts (outside checkpoints/p3_ti, which the grader's run loads)
+TI_EXTRA_DIR = Path(__file__).resolve().parent / "checkpoints" / "p3_ti_extra"
+CD_QUICK_TRAIN = ("--steps", "2", "--batch-size", "1", "--num-class-images", "2")  # seconds on the toy world
+
+
+def compare_ti_embeddings(context, input_json, cat_dir, model):
+    """--embeds for textual inversion: the input.json concepts' files and one that provides CAT_TOKEN."""
+    folder = ti_embeddings(context, input_json, model)
+    if context.toy and context.args.quick and not context.args.ti_embeds:
+        cat = context.out / "p3_multi" / "quick_ti_cat"
+        p3_textual_inversion.main(["train", str(cat_dir), "--token", CAT_TOKEN, "--init-token", CAT_WORD, "--model",
+                                   str(model), "--out", str(cat), *context.settings.ti_train, *context.seed_flag(),
+                                   *context.device_flag()])
+        return [folder, cat]
+    folders = [folder, *([TI_EXTRA_DIR] if TI_EXTRA_DIR.is_dir() else [])]
+    if not any(CAT_TOKEN in load_file(path) for path in p3_textual_inversion.find_embeds(folders)):
+        raise Hw2Error(f"no learned embedding of {CAT_TOKEN} under {' or '.join(map(str, folders))}: train it with "
+                       f"`python p3_textual_inversion.py train {cat_dir} --token \"{CAT_TOKEN}\" --init-token "
+                       f"{CAT_WORD} --out {TI_EXTRA_DIR / CAT_FOLDER}`")
+    return folders
+
+
+def compare_cd_weights(context, input_json, cat_dir, model):
+    """The Custom Diffusion folder: trained into OUT on a toy world with --quick, else --cd-weights."""
+    concepts = ["--input-json", str(input_json), "--concept", str(cat_dir), CAT_TOKEN, CAT_WORD]
+    if context.toy and context.args.quick and not context.args.cd_weights:
+        folder = context.out / "p3_multi" / "quick_cd"
+        context.say(f"P3 Custom Diffusion: training toy weights into {folder} (--quick on a toy world).")
+        p3_custom_diffusion.main(["train", *concepts, "--model", str(model), "--out", str(folder), *CD_QUICK_TRAIN,
+                                  *context.seed_flag(), *context.device_flag()])
+        return folder
+    folder = Path(context.args.cd_weights or p3_custom_diffusion.DEFAULT_WEIGHTS_DIR)
+    if not (folder / custom_diffusion_io.WEIGHTS_FILE).is_file():
+        raise Hw2Error(f"no Custom Diffusion weights in {folder}: train them with `python p3_custom_diffusion.py "
+                       f"train {shlex.join(concepts)} --out {folder}` or pass --cd-weights")
+    return folder
+
+
+def concept_scores(model, processor, folder, eval_prompt, references, device):
+    """Mean CLIP-T of a prompt folder's images against `eval_prompt`, and mean CLIP-I against each concept's photos
+    ({token: features}), by the grader's per-image formulas (p3_score), over all the folder's images."""
+    images = p3_score.image_features(model, processor, p3_concepts.list_images(folder), device)
+    text = p3_score.text_features(model, processor, eval_prompt, device)
+    clip_t, clip_i = None, {}
+    for token, photos in references.items():
+        per_image_i, per_image_t = p3_score.clip_scores(images, photos, text)
+        clip_i[token] = per_image_i.mean().item()
+        clip_t = per_image_t.mean().item()  # the same against every concept's photos
+    return clip_t, clip_i
+
+
+def p3_multi_part(context):
+    args = context.args
+    input_json = require(context.data / "textual_inversion" / "input.json", "input.json", "download the data")
+    cat_dir = require(input_json.parent / CAT_FOLDER, "the cat photos", "download the data")
+    entries = p3_concepts.read_input_json(input_json, p3_concepts.INPUT_FIELDS)
+    if len(entries) < 2:
+        raise Hw2Error(f"{input_json} holds only {len(entries)} concept; the comparison needs two and the cat")
+    folders = {entry["token_name"]: input_json.parent / name for name, entry in list(entries.items())[:2]}
+    folders[CAT_TOKEN] = cat_dir
+    words = {entry["token_name"]: entry["src_image"] for entry in list(entries.values())[:2]} | {CAT_TOKEN: CAT_WORD}
+    prompts = [template.format(*words) for template in COMPARE_PROMPTS]
+    model = args.sd_model or sd_v1.default_model(input_json)
+    context.model("P3 Stable Diffusion", model if Path(model).exists() else f"hub id {model}")
+    embeds = compare_ti_embeddings(context, input_json, cat_dir, model)
+    weights = compare_cd_weights(context, input_json, cat_dir, model)
+    context.model("P3 Custom Diffusion weights", weights / custom_diffusion_io.WEIGHTS_FILE)
+
+    out = context.out / "p3_multi"
+    common = ["--num-images", str(COMPARE_IMAGES), *[x for p in prompts for x in ("--prompt", p)],
+              *context.steps_flag(context.settings.ti_steps), *context.seed_flag(), *context.device_flag()]
+    p3_textual_inversion.main(["generate", str(input_json), str(out / "ti"), str(model), "--embeds",
+                               *map(str, embeds), *common])
+    p3_custom_diffusion.main(["generate", str(input_json), str(out / "cd"), str(model), "--weights", str(weights),
+                              *common])
+    methods = {"TI": out / "ti", "CD": out / "cd"}
+    jobs = {name: p3_concepts.output_jobs(entries, folder, prompts) for name, folder in methods.items()}
+
+    tiles, labels = [], []
+    for k in range(len(prompts)):
+        for name in methods:
+            paths = sorted(p3_concepts.list_images(jobs[name][k][0]), key=image_number)
+            tiles.append([np.asarray(load_rgb(path)) for path in paths])
+            labels.append(f"{k + 1} {name}")
+    grid = out / "p3_multi_grid.png"
+    save_pil(labelled_grid(tiles, labels, [f"image {i}" for i in range(COMPARE_IMAGES)]), grid)
+
+    toy_root = find_toy_root(input_json)
+    clip = args.ti_clip or (str(toy_root / p3_score.TOY_CLIP) if toy_root is not None else p3_score.DEFAULT_CLIP)
+    context.model("P3 CLIP scorer", clip)
+    device = get_device(args.device)
+    scorer, processor = p3_score.load_clip(clip)
+    scorer.to(device)
+    references = {token: p3_score.image_features(scorer, processor, p3_concepts.list_images(folder), device)
+                  for token, folder in folders.items()}
+    rows = []
+    for k, prompt in enumerate(prompts):
+        eval_prompt = prompt
+        for token, word in words.items():
+            eval_prompt = eval_prompt.replace(token, word)
+        present = {token: features for token, features in references.items() if token in prompt}
+        for name in methods:
+            clip_t, clip_i = concept_scores(scorer, processor, jobs[name][k][0], eval_prompt, present, device)
+            rows.append([k + 1, name, code(prompt), code(eval_prompt), f"{clip_t:.2f}",
+                         *[f"{clip_i[token]:.2f}" if token in clip_i else "-" for token in words]])
+
+    label = ("**Toy numbers**: tiny random models and a few training steps; they check the code, not the methods."
+             if context.toy else "")
+    lines = [f"The same {len(prompts)} prompts, each generated by textual inversion (TI: one embedding per concept, "
+             f"learned separately; files under `{', '.join(map(str, embeds))}`) and by Custom Diffusion (CD: the "
+             f"concepts' tokens and every cross-attention W_k, W_v trained jointly, with prior preservation; "
+             f"`{weights}`), {COMPARE_IMAGES} images each from the same seeds ({context.args.seed}).", "",
+             "Prompts: " + "; ".join(f"{k + 1}. {code(p)}" for k, p in enumerate(prompts)) + ".", "",
+             "Rows: prompt number and method; image i of a prompt starts from the same noise for both methods.", "",
+             figure(context.out, grid, "textual inversion vs Custom Diffusion"), "",
+             f"Mean over the {COMPARE_IMAGES} images of each prompt and method (CLIP `{clip}`): CLIP-T against the "
+             "prompt with each token written as its concept's word, and CLIP-I against the photos of each concept "
+             "the prompt names (the grader's per-image formulas, without its top-5 selection).", ""]
+    lines += [label, ""] if label else []
+    lines += [table(["#", "method", "prompt", "scored text", "CLIP-T", *[f"CLIP-I {code(t)}" for t in words]], rows),
+              ""]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 PARTS = {
@@ -476,6 +612,7 @@ PARTS = {
     "p2": ("P2: DDIM on the face UNet", p2_part),
     "p3_zeroshot": ("P3: CLIP zero-shot classification", p3_zeroshot_part),
     "p3_ti": ("P3: textual inversion", p3_ti_part),
+    "p3_multi": ("P3: several concepts, textual inversion vs Custom Diffusion", p3_multi_part),
 }
 
 
@@ -614,6 +751,10 @@ def build_parser():
                              f"--quick, short embeddings trained into --out).")
     parser.add_argument("--ti-clip", type=str, default=None,
                         help="transformers CLIP for the textual-inversion scores (default: p3_textual_inversion.py's).")
+    parser.add_argument("--cd-weights", type=str, default=None,
+                        help=f"Folder written by `p3_custom_diffusion.py train` (default: "
+                             f"{p3_custom_diffusion.DEFAULT_WEIGHTS_DIR} in this repository; on a toy world with "
+                             f"--quick, short weights trained into --out).")
     parser.add_argument("--multi-prompt", type=str, action="append", default=None,
                         help="A multi-concept prompt, repeatable; {0} and {1} stand for input.json's first two tokens "
                              f"(default: {' and '.join(repr(p) for p in MULTI_PROMPTS)}).")

@@ -271,14 +271,18 @@ def diffusion_target(noise_scheduler, z_0, eps, t):
                    f"epsilon, v_prediction and sample")
 
 
-def denoising_loss(unet, text_encoder, noise_scheduler, z_0, input_ids, eps, t):
+def denoising_loss(unet, text_encoder, noise_scheduler, z_0, input_ids, eps, t, per_sample=False):
     """The latent diffusion objective (textual inversion's eq. 2): MSE between the UNet's prediction at z_t and
     its target. z_0: B x 4 x h x w VAE latents (already x scaling_factor); eps: noise like z_0; t: B timesteps.
+    `per_sample`: the B per-sample means instead of their mean (for losses that weigh parts of a batch apart).
     """
     z_t = noise_scheduler.add_noise(z_0, eps, t)  # q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)
     c = text_encoder(input_ids)[0]  # B x 77 x D, the conditioning c_theta(y)
     prediction = unet(z_t.to(unet.dtype), t, c.to(unet.dtype)).sample
-    return F.mse_loss(prediction.float(), diffusion_target(noise_scheduler, z_0, eps, t).float())
+    target = diffusion_target(noise_scheduler, z_0, eps, t)
+    if per_sample:
+        return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return F.mse_loss(prediction.float(), target.float())
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -297,12 +301,11 @@ def sample_images(pipe, prompt, seeds, steps, guidance, resolution=None):
                     height=resolution, width=resolution, output_type="pt").images.float().cpu()
 
 
-def check_tokens(pipe, prompts, source):
+def check_tokens(pipe, prompts, source, fix="pass the files learned for those tokens"):
     """Every <token> in `prompts` must be in the pipeline's tokenizer (loaded from a learned-embedding file)."""
     missing = sorted({t for p in prompts for t in TOKEN_PATTERN.findall(p)} - set(pipe.tokenizer.get_vocab()))
     if missing:
-        raise Hw2Error(f"{source} uses {', '.join(missing)} but no loaded embedding file provides it; "
-                       f"pass the files learned for those tokens")
+        raise Hw2Error(f"{source} uses {', '.join(missing)} but no loaded embedding file provides it; {fix}")
 
 
 def load_embeds(pipe, files):

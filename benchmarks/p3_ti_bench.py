@@ -98,24 +98,29 @@ def train_worker(job):
     def step():
         ti.train_step(pipe, noise_scheduler, lambda: (pixels, input_ids), 1, optimizer, scaler, autocast, original,
                       new_ids)
-        synchronize(device)
 
+    return {**timed_steps(step, job["steps"], device), "resolution": resolution}
+
+
+def timed_steps(step, steps, device):
+    """Run `step()` steps + 1 times; the median time of all but the first, and the peak memory (see the docstring)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ctypes.CDLL(None).malloc_trim(0)  # glibc: hand freed model-loading memory back, so RSS starts from the model
     rss_before = resident_mb()
     times = []
     with PeakRss() as rss:
-        for _ in range(job["steps"] + 1):  # the first step warms up kernels and the allocator and is not timed
+        for _ in range(steps + 1):  # the first step warms up kernels and the allocator and is not timed
             start = time.perf_counter()
             step()
+            synchronize(device)
             times.append(time.perf_counter() - start)
     if device.type == "cuda":
         memory = {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
     else:
         memory = {"peak_mb": rss.peak_mb, "step_mb": rss.peak_mb - rss_before,
                   "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    return {"step_s": statistics.median(times[1:]), "resolution": resolution, **memory}
+    return {"step_s": statistics.median(times[1:]), **memory}
 
 
 def generate_worker(job):
@@ -134,9 +139,9 @@ def generate_worker(job):
     return {"images_per_s": job["repeats"] * job["batch_size"] / (time.perf_counter() - start)}
 
 
-def run_worker(job):
-    """Run one job in a fresh Python process (its own peak memory) and return its JSON result."""
-    result = subprocess.run([sys.executable, "-m", "benchmarks.p3_ti_bench", "--worker", json.dumps(job)], cwd=REPO,
+def run_worker(job, module="benchmarks.p3_ti_bench"):
+    """Run one job in a fresh Python process of `module` (its own peak memory) and return its JSON result."""
+    result = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(job)], cwd=REPO,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise Hw2Error(f"benchmark worker failed for {job}: {result.stderr.strip().splitlines()[-1]}")

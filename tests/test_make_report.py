@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
 
 import make_report
 import p1_inference
@@ -61,6 +62,9 @@ def expected_figures(tmp_path):
         "p3_ti/p3_ti_grid.png": (TI_GRID_WIDTH, TI_GRID_WIDTH, TI_GRID_WIDTH, TI_GRID_WIDTH),
         "p3_ti/p3_ti_multi.png": (TI_GRID_WIDTH, TI_GRID_WIDTH, 2 * (TINY_SD_RESOLUTION + 2) + 2,
                                   2 * (TINY_SD_RESOLUTION + 2) + 2),
+        # 3 prompts x 2 methods (rows) x 4 images, with labels
+        "p3_multi/p3_multi_grid.png": (4 * TINY_SD_RESOLUTION, 4 * TINY_SD_RESOLUTION + LABEL_MARGIN,
+                                       6 * TINY_SD_RESOLUTION, 6 * TINY_SD_RESOLUTION + LABEL_MARGIN),
     }
 
 
@@ -75,7 +79,7 @@ def test_quick_report_writes_every_figure_and_references_it(quick_report, tmp_pa
     out, result = quick_report
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert "4 part(s) done, 0 skipped, 0 failed" in result.stdout, result.stdout
+    assert f"{len(make_report.PARTS)} part(s) done, 0 skipped, 0 failed" in result.stdout, result.stdout
     markdown = (out / "report.md").read_text()
     for name, (min_w, max_w, min_h, max_h) in expected_figures(tmp_path).items():
         path = out / name
@@ -121,6 +125,27 @@ def test_zero_shot_accuracy_matches_its_predictions(quick_report):
         assert re.search(rf"^\| {prompts} \| \d+ \| [\d.]+% \({correct}/{len(lines)}\) \|", markdown, re.M), prompts
 
 
+def test_multi_concept_clip_t_matches_clip_on_the_images_it_wrote(quick_report, toy_world):
+    """CLIP-T recomputed with transformers' CLIPModel forward (its projected, normalised embeddings) from the
+    generated files and the prompt with each token written as its concept's word."""
+    out, _ = quick_report
+    markdown = (out / "report.md").read_text()
+    scorer = toy_world / "toy_models" / "tiny-clip-scorer"
+    model, processor = CLIPModel.from_pretrained(scorer).eval(), CLIPProcessor.from_pretrained(scorer)
+    for method, folder in (("TI", "ti"), ("CD", "cd")):
+        row = re.search(rf"^\| 3 \| {method} \| `A <cat1> sitting on the <new1>\.` \| `(.+?)` \| ([\d.-]+) \|",
+                        markdown, re.M)
+        assert row is not None, f"no row for prompt 3, {method}"
+        assert row[1] == "A cat sitting on the rocket."
+        images = [Image.open(path).convert("RGB")
+                  for path in sorted((out / "p3_multi" / folder / "free" / "2").glob("*.png"))]
+        inputs = processor(text=[row[1]], images=images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            outputs = model(**inputs)
+        expected = (100 * outputs.image_embeds @ outputs.text_embeds[0]).mean().item()
+        assert float(row[2]) == pytest.approx(expected, abs=0.01), f"{method}: table {row[2]}, recomputed {expected}"
+
+
 def test_missing_prerequisites_skip_with_one_line_each(tmp_path):
     (tmp_path / "hw2_data").mkdir()
     result = run_report(tmp_path / "hw2_data", tmp_path / "report", tmp_path)
@@ -162,9 +187,11 @@ def compare_figures(first, second, names):
 
 
 def test_same_seed_gives_byte_identical_figures(quick_report, toy_world, tmp_path):
-    """P2 (eta noise), zero-shot and textual inversion (training and sampling) again, from scratch."""
+    """P2 (eta noise), zero-shot, textual inversion and Custom Diffusion (training and sampling) again, from
+    scratch."""
     out, _ = quick_report
-    result = run_report(toy_world, tmp_path / "again", tmp_path, "--quick", "--parts", "p2,p3_zeroshot,p3_ti")
+    result = run_report(toy_world, tmp_path / "again", tmp_path, "--quick", "--parts",
+                        "p2,p3_zeroshot,p3_ti,p3_multi")
     assert result.returncode == 0, result.stderr[-3000:]
     names = [name for name in expected_figures(tmp_path) if not name.startswith("p1/")]
     compare_figures(out, tmp_path / "again", names)

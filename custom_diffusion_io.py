@@ -28,10 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
-from p3_concepts import TOKEN_PATTERN, load_embeds, save_learned_embeds
+from p3_concepts import load_embeds, save_learned_embeds, token_file_path
 from utils import Hw2Error, atomic_write_bytes
 
 WEIGHTS_FILE = CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE  # pytorch_custom_diffusion_weights.safetensors
+STATE_FILE = "train_state.safetensors"  # p3_custom_diffusion.py train: everything needed to resume
 CUSTOM_KEY = "_custom_diffusion"  # in every trained parameter's name: to_k_custom_diffusion, to_v_custom_diffusion
 
 
@@ -78,7 +79,7 @@ def save_custom_diffusion(unet, tokens, rows, folder):
     state = processor_state_dict(unet)
     atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_save(state, metadata={"format": "pt"}))
     for token, row in zip(tokens, rows):
-        save_learned_embeds(folder / f"{token}.safetensors", token, row[None])
+        save_learned_embeds(token_file_path(folder, token), token, row[None])
 
 
 def install_processors(unet, state_dict, source):
@@ -118,8 +119,9 @@ def install_processors(unet, state_dict, source):
 
 
 def token_files(folder):
-    """The `<token>.safetensors` files of a Custom Diffusion folder, sorted."""
-    return sorted(path for path in Path(folder).glob("*.safetensors") if TOKEN_PATTERN.fullmatch(path.stem))
+    """The token files of a Custom Diffusion folder (`new1.safetensors` holds {"<new1>": [1, D]}), sorted: every
+    .safetensors file there but the weights and the training state."""
+    return sorted(path for path in Path(folder).glob("*.safetensors") if path.name not in (WEIGHTS_FILE, STATE_FILE))
 
 
 def check_weights_folder(folder):
@@ -130,8 +132,8 @@ def check_weights_folder(folder):
                        f"or pass --weights with the folder it wrote")
     tokens = token_files(folder)
     if not tokens:
-        raise Hw2Error(f"{folder} holds no <token>.safetensors beside {WEIGHTS_FILE}; pass the folder that "
-                       f"`p3_custom_diffusion.py train` wrote")
+        raise Hw2Error(f"{folder} holds no token file (new1.safetensors for <new1>) beside {WEIGHTS_FILE}; pass "
+                       f"the folder that `p3_custom_diffusion.py train` wrote")
     return folder / WEIGHTS_FILE, tokens
 
 

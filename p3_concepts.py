@@ -196,9 +196,9 @@ def save_learned_embeds(path, token, rows):
     atomic_write_bytes(path, safetensors_save({token: rows.detach().float().cpu().contiguous()}))
 
 
-def a1111_embedding_path(folder, token):
-    """`folder/<token>.safetensors`, the token without its angle brackets ("<new1>" -> new1.safetensors): file
-    systems refuse < and >, and AUTOMATIC1111 and ComfyUI name an embedding after its file."""
+def token_file_path(folder, token):
+    """`folder/<token>.safetensors`, the token without its angle brackets ("<new1>" -> new1.safetensors): Windows
+    refuses < and > in file names, and AUTOMATIC1111 and ComfyUI name an embedding after its file."""
     name = UNSAFE_FILE_CHARACTERS.sub("", token) or "embedding"
     return Path(folder) / f"{name}.safetensors"
 

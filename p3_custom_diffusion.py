@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import p3_textual_inversion as ti
 from custom_diffusion_io import (
+    STATE_FILE,
     check_weights_folder,
     load_custom_diffusion,
     processor_state_dict,
@@ -88,7 +89,6 @@ from utils import (
 )
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "checkpoints" / "p3_cd"  # train --out, generate --weights
-STATE_FILE = "train_state.safetensors"  # everything needed to resume training
 ADAM_WEIGHT_DECAY = 1e-2  # diffusers' Custom Diffusion example
 MAX_GRAD_NORM = 1.0  # diffusers' Custom Diffusion example
 STEPS = {"one": 250, "several": 500}  # the paper's steps for one concept and for joint training
@@ -381,7 +381,7 @@ def run_generate(args):
     check_tokens(pipe, [prompt for _, _, prompt, _ in jobs], "--prompt" if args.prompt else args.input_json,
                  fix=f"train a concept with that token into {weights}, or pass --weights with the folder that has it")
     pipe.to(device)
-    print(f"Model {model}; Custom Diffusion weights {weights} (tokens {', '.join(p.stem for p in files)}); "
+    print(f"Model {model}; Custom Diffusion weights {weights} (token files {', '.join(p.name for p in files)}); "
           f"{args.scheduler} scheduler, {args.steps} steps.")
     start = time.perf_counter()
     count = generate_folders(pipe, jobs, args)

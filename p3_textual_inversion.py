@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from p3_concepts import (
     TEMPLATES,
-    a1111_embedding_path,
     add_generation_arguments,
     add_placeholder_tokens,
     check_destination,
@@ -58,6 +57,7 @@ from p3_concepts import (
     set_rng_state,
     set_scheduler,
     slice_rows,
+    token_file_path,
 )
 from p3_score import add_score_command, run_score
 from sd_v1 import DEFAULT_MODEL, default_model, load_sd_pipeline
@@ -189,7 +189,7 @@ def train_concept(args, pipe, concept_dir, token, init_text, prop, out_dir, mode
             "step": step, "config": config, "embeds": rows, "scaler": scaler.state_dict(), "rng": rng_state(device),
             "optimizer": slice_rows(optimizer.state_dict(), new_ids, embedding.weight.shape[0])})
         save_learned_embeds(out_dir / EMBEDS_FILE, token, rows)
-        save_a1111_embedding(a1111_embedding_path(out_dir, token), rows)
+        save_a1111_embedding(token_file_path(out_dir, token), rows)
 
     def next_batch():
         return sample_batch(images, tokenizer, templates, concept_text, resolution, prop, args.batch_size)

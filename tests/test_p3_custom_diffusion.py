@@ -84,9 +84,9 @@ def test_saved_files_use_diffusers_keys_and_token_format(trained):
     expected = {f"{name}.{kind}_custom_diffusion.weight" for name in cross for kind in ("to_k", "to_v")}
     assert set(weights) == expected, sorted(set(weights) ^ expected)
     assert all(value.dtype == torch.float32 for value in weights.values())
-    assert sorted(path.name for path in cdio.token_files(out)) == ["<cat1>.safetensors", "<new1>.safetensors",
-                                                                   "<new2>.safetensors"]
-    assert list(load_file(out / "<cat1>.safetensors")) == ["<cat1>"]
+    assert sorted(path.name for path in cdio.token_files(out)) == ["cat1.safetensors", "new1.safetensors",
+                                                                   "new2.safetensors"]
+    assert list(load_file(out / "cat1.safetensors")) == ["<cat1>"]
 
 
 def test_diffusers_documented_load_attn_procs_leaves_the_base_model(trained, base_pipe):
@@ -254,7 +254,7 @@ def test_resume_continues_where_the_last_save_stopped(trained, ti_dir, tmp_path)
     cd.main(train_args(tmp_path / "resumed", *concept))
     assert cd.load_checkpoint(tmp_path / "resumed" / cd.STATE_FILE)["step"] == 2
     cd.main([*train_args(tmp_path / "resumed", *concept), "--steps", "4"])
-    for name in (cdio.WEIGHTS_FILE, "<cat1>.safetensors"):
+    for name in (cdio.WEIGHTS_FILE, "cat1.safetensors"):
         straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
         different = [key for key in straight if not torch.equal(straight[key], resumed[key])]
         assert not different, f"{name}: resumed differs at {different[:2]}"
@@ -348,7 +348,7 @@ def test_bad_weights_are_one_clear_error(trained, ti_dir, base_pipe, tmp_path):
     assert unet.attn_processors == before, "a refused file still changed the UNet's processors"
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    (corrupt / "<cat1>.safetensors").write_bytes(b"not safetensors")
+    (corrupt / "cat1.safetensors").write_bytes(b"not safetensors")
     (corrupt / cdio.WEIGHTS_FILE).write_bytes(b"garbage")
     with pytest.raises(Hw2Error, match="cannot read"):
         cdio.load_custom_diffusion(base_pipe(), corrupt)

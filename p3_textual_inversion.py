@@ -184,12 +184,14 @@ def train_concept(args, pipe, concept_dir, token, init_text, prop, out_dir, mode
         print(f"Resuming {token} from step {start} ({state_path}).")
 
     def save(step):
+        # the outputs first, the resume state last: a run killed in between redoes these steps instead of leaving
+        # files older than the state that says they are done
         rows = embedding.weight[new_ids]
+        save_learned_embeds(out_dir / EMBEDS_FILE, token, rows)
+        save_a1111_embedding(token_file_path(out_dir, token), rows)
         save_checkpoint(state_path, {
             "step": step, "config": config, "embeds": rows, "scaler": scaler.state_dict(), "rng": rng_state(device),
             "optimizer": slice_rows(optimizer.state_dict(), new_ids, embedding.weight.shape[0])})
-        save_learned_embeds(out_dir / EMBEDS_FILE, token, rows)
-        save_a1111_embedding(token_file_path(out_dir, token), rows)
 
     def next_batch():
         return sample_batch(images, tokenizer, templates, concept_text, resolution, prop, args.batch_size)

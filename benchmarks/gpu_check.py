@@ -15,11 +15,22 @@ others still run):
   p2_precision  The course-size face UNet (base 128, random weights plus toy_data.wire_noise_path's eps ~ x_t
                 path, so that DDIM is not chaotic), 10 noises at 256 px, 50 DDIM steps: time and MSE (0-255
                 scale) of fp32 without TF32, fp16 and bf16, with fp32 as the reference.
-P1's timings use random images and random weights: speed does not depend on either. Without CUDA, and without
---smoke, it prints one skip line and exits 0. The exit status is 1 when any check fails.
+  p3_ti_step    SD v1.4's architecture, 512 px, fp16 (frozen UNet and VAE in fp16, autocast, GradScaler), with and
+                without gradient checkpointing: step time (median of 10 steps after a warm-up), peak GPU memory and
+                last loss of p3_textual_inversion.train_step at batch 4, and of p3_custom_diffusion.train_step at
+                2 + 2 class images (its default: 4 images through the UNet).
+  p3_generate   p3_concepts.sample_images after set_scheduler(pipe, "dpm"): 30 DPM-Solver++ steps, guidance 7.5,
+                fp16, 512 px, batches of 5: images/s; the images come out with the right shape, all finite.
+  p3_zeroshot   p3_clip_zeroshot.classify over its DataLoader (the script's default batch size, workers, prompts
+                and autocast), 2,500 32-px PNGs (the course's count), ViT-B-32 and ViT-L-14 from open_clip: images/s,
+                beside the bare image encoder on the same decoded batches; every image classified, all finite.
+P1's and P3's timings use random images and random weights (SD v1.4's and CLIP's architectures, built as
+sd_v1.random_pipeline and open_clip with pretrained=None): speed does not depend on either. Without CUDA, and
+without --smoke, it prints one skip line and exits 0. The exit status is 1 when any check fails.
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -41,15 +52,28 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import p3_clip_zeroshot as zeroshot  # noqa: E402
 from benchmarks.p2_bench import precision_comparison  # noqa: E402
+from benchmarks.p3_cd_bench import cd_train_worker  # noqa: E402
+from benchmarks.p3_ti_bench import generate_worker  # noqa: E402
+from benchmarks.p3_ti_bench import train_worker as ti_train_worker  # noqa: E402
+from benchmarks.p3_zeroshot_bench import COURSE_IMAGES, bench_model  # noqa: E402
 from benchmarks.timing import synchronize  # noqa: E402
 from p1_inference import generate, sample_plan  # noqa: E402
 from p1_model import DATASETS, Diffusion, preset  # noqa: E402
 from p1_train import TRAIN_PRESETS, TrainSettings, build_optimization, train_step  # noqa: E402
 from p1_train import main as p1_train_main  # noqa: E402
 from p2_unet import FaceUNet  # noqa: E402
-from toy_data import wire_noise_path  # noqa: E402
-from utils import atomic_write_text, load_checkpoint  # noqa: E402
+from p3_clip_models import TINY_CLIP_DIR, TINY_CLIP_NAME, load_clip, resolve_model  # noqa: E402
+from toy_data import (  # noqa: E402
+    TINY_SD_DIR,
+    TINY_SD_RESOLUTION,
+    build_clip_zeroshot,
+    build_tiny_clip,
+    build_tiny_sd,
+    wire_noise_path,
+)
+from utils import amp_dtype, atomic_write_text, load_checkpoint  # noqa: E402
 
 DEFAULT_OUT = REPO / "outputs" / "gpu_check"
 
@@ -72,14 +96,27 @@ class Scale:
     p2_steps: int
     p2_precisions: tuple
     repeats: int
+    sd_model: str  # sd14-config (SD v1.4's architecture, random weights) or tiny (the toy world's tiny SD)
+    sd_resolution: int
+    ti_batch: int  # images per training step; Custom Diffusion's are half concept, half class images
+    ti_steps: int
+    generate_steps: int
+    generate_batch: int
+    generate_repeats: int
+    clip_models: tuple  # open_clip model names (random weights), or "tiny" for the toy world's tiny CLIP
+    clip_images: int
 
 
 GPU = Scale(p1_preset="full", p1_overrides={}, train_batch=128, train_steps=300, sample_per_digit=50,
             sample_steps=25, data_per_set=512, run_batch=64, p2_base=128, p2_size=256, p2_noises=10, p2_steps=50,
-            p2_precisions=("fp32", "fp16", "bf16"), repeats=3)
+            p2_precisions=("fp32", "fp16", "bf16"), repeats=3, sd_model="sd14-config", sd_resolution=512,
+            ti_batch=4, ti_steps=10, generate_steps=30, generate_batch=5, generate_repeats=2,
+            clip_models=("ViT-B-32", "ViT-L-14"), clip_images=COURSE_IMAGES)
 SMOKE = Scale(p1_preset="toy", p1_overrides=dict(widths=(8, 16), embed_dim=16, attention_heads=2), train_batch=4,
               train_steps=2, sample_per_digit=1, sample_steps=2, data_per_set=8, run_batch=4, p2_base=32, p2_size=32,
-              p2_noises=2, p2_steps=2, p2_precisions=("fp32",), repeats=1)
+              p2_noises=2, p2_steps=2, p2_precisions=("fp32",), repeats=1, sd_model="tiny",
+              sd_resolution=TINY_SD_RESOLUTION, ti_batch=2, ti_steps=1, generate_steps=2, generate_batch=2,
+              generate_repeats=1, clip_models=("tiny",), clip_images=16)
 
 
 @dataclass
@@ -243,8 +280,104 @@ def p2_precision_section(run):
             for precision, (seconds, mse) in results.items()]
 
 
+def sd_model(run):
+    """The Stable Diffusion that P3's sections load: SD v1.4's architecture with random weights, or for --smoke the
+    toy world's tiny SD (written on first use)."""
+    if run.scale.sd_model != "tiny":
+        return run.scale.sd_model
+    if not (run.scratch / TINY_SD_DIR).exists():
+        build_tiny_sd(run.scratch, 0)
+    return str(run.scratch / TINY_SD_DIR)
+
+
+def free_memory(device):
+    """Collect the previous configuration's models, so that they do not count in the next one's peak memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def p3_ti_step_section(run):
+    """Training steps of textual inversion and Custom Diffusion (their own train_step, through the benchmarks'
+    workers) in fp16, with and without gradient checkpointing: step time, peak memory, finite loss."""
+    scale, rows = run.scale, []
+    half = scale.ti_batch // 2
+    base = {"device": str(run.device), "model": sd_model(run), "resolution": scale.sd_resolution,
+            "mixed_precision": "fp16", "steps": scale.ti_steps}
+    memory = "torch.cuda.max_memory_allocated" if run.device.type == "cuda" else "the process's resident set (CPU)"
+    for method, worker, job in [(f"TI, batch {scale.ti_batch}", ti_train_worker, {"batch_size": scale.ti_batch}),
+                                (f"CD, {half} + {half} class images", cd_train_worker,
+                                 {"batch_size": half, "prior": True})]:
+        plain_seconds = None
+        for checkpointing in (False, True):
+            free_memory(run.device)
+            result = worker({**base, **job, "checkpointing": checkpointing})
+            name = f"{method}, fp16{' + checkpointing' if checkpointing else ''}, {result['resolution']} px"
+            plain_seconds = plain_seconds or result["step_s"]
+            ratio = f"; {result['step_s'] / plain_seconds:.2f}x the step without it" if checkpointing else ""
+            rows += [row(f"{name}: step time", round(result["step_s"], 3), "s",
+                         note=f"median of {scale.ti_steps} after a warm-up{ratio}"),
+                     row(f"{name}: peak memory", round(result["peak_mb"] / 1024, 2), "GiB", result["peak_mb"] > 0,
+                         memory),
+                     row(f"{name}: last loss", round(result["loss"], 4), "", math.isfinite(result["loss"]))]
+    return rows
+
+
+def p3_generate_section(run):
+    """Images/s of p3_concepts.sample_images with DPM-Solver++, in generate's dtype (fp16 on CUDA)."""
+    scale = run.scale
+    free_memory(run.device)
+    result = generate_worker({"device": str(run.device), "model": sd_model(run), "resolution": scale.sd_resolution,
+                              "batch_size": scale.generate_batch, "steps": scale.generate_steps,
+                              "repeats": scale.generate_repeats})
+    expected = [scale.generate_batch, 3, scale.sd_resolution, scale.sd_resolution]
+    produced = result["shape"] == expected and result["finite"]
+    return [row(f"DPM-Solver++ {scale.generate_steps} steps, {result['dtype']}, {scale.sd_resolution} px, "
+                f"{scale.generate_repeats} x {scale.generate_batch} images", round(result["images_per_s"], 2),
+                "images/s", produced, f"last batch {result['shape']} (expected {expected}), "
+                                      f"{'all finite' if result['finite'] else 'NOT all finite'}")]
+
+
+def clip_model(run, name):
+    """(model, preprocess, tokenizer) through p3_clip_models.load_clip: `name` with random weights, or the toy
+    world's tiny CLIP (written on first use)."""
+    if name != "tiny":
+        return load_clip(name, None, run.device)
+    config = run.scratch / TINY_CLIP_DIR / f"{TINY_CLIP_NAME}.json"
+    if not config.exists():
+        build_tiny_clip(run.scratch, 0)
+    name, weights, quick_gelu = resolve_model(str(config), None, run.scratch)
+    return load_clip(name, weights, run.device, quick_gelu)
+
+
+def p3_zeroshot_section(run):
+    """Images/s of p3_clip_zeroshot.classify with the script's defaults, beside the bare image encoder."""
+    scale, rows = run.scale, []
+    defaults = zeroshot.build_parser().parse_args([])  # the script's batch size, workers and prompts
+    build_clip_zeroshot(run.scratch, 0)
+    id2label = zeroshot.read_id2label(run.scratch / "clip_zeroshot")
+    paths, _ = zeroshot.list_images(run.scratch / "clip_zeroshot", id2label)
+    paths = (paths * math.ceil(scale.clip_images / len(paths)))[:scale.clip_images]  # the toy's 32-px PNGs, repeated
+    classnames = [zeroshot.clean_class_name(name) for name in id2label.values()]
+    templates = zeroshot.load_templates(defaults.prompts)
+    precision = str(amp_dtype(run.device) or torch.float32).removeprefix("torch.")
+    for name in scale.clip_models:
+        free_memory(run.device)
+        model, preprocess, tokenizer = clip_model(run, name)
+        result = bench_model(name, model, preprocess, tokenizer, paths, classnames, templates, scale.repeats, defaults,
+                             run.device)
+        ok = result["classified"] == len(paths) and result["finite"]
+        label = "tiny toy CLIP" if name == "tiny" else f"{name} (random weights)"
+        rows.append(row(f"{label}: classify loop, {len(paths)} images", round(result["loop"], 1), "images/s", ok,
+                        f"bare encoder {result['bare']:.1f} images/s (loop/bare {result['ratio']:.2f}); batch "
+                        f"{defaults.batch_size}, {defaults.workers} workers, {precision}; {result['classified']} "
+                        f"classified{'' if result['finite'] else ', NOT all finite'}"))
+    return rows
+
+
 SECTIONS = {"p1_train": p1_train_section, "p1_ddp": p1_ddp_section, "p1_sample": p1_sample_section,
-            "p1_resume": p1_resume_section, "p2_precision": p2_precision_section}
+            "p1_resume": p1_resume_section, "p2_precision": p2_precision_section, "p3_ti_step": p3_ti_step_section,
+            "p3_generate": p3_generate_section, "p3_zeroshot": p3_zeroshot_section}
 
 
 # ------------------------------------------------------------------------------------------------ report

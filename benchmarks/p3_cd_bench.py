@@ -50,7 +50,8 @@ CONTEXT_LENGTH = 77
 
 
 def cd_train_worker(job):
-    """Time `steps` Custom Diffusion steps (p3_custom_diffusion.train_step) of one configuration."""
+    """Time `steps` Custom Diffusion steps (p3_custom_diffusion.train_step) of one configuration: the median step
+    time, peak memory and last loss."""
     device = torch.device(job["device"])
     seed_everything(0)
     pipe = load_bench_pipeline(job["model"])
@@ -68,11 +69,13 @@ def cd_train_worker(job):
     texts = ["a photo of a <bench>"] * job["batch_size"] + ["a photo of a dog"] * (images - job["batch_size"])
     input_ids = pipe.tokenizer(texts, padding="max_length", max_length=CONTEXT_LENGTH, return_tensors="pt").input_ids
 
-    def step():
-        cd.train_step(pipe, noise_scheduler, lambda: (pixels, input_ids, job["batch_size"]), 1, optimizer, scaler,
-                      autocast, original, new_ids, 1.0)
+    losses = []
 
-    return {**timed_steps(step, job["steps"], device), "resolution": resolution}
+    def step():
+        losses.append(cd.train_step(pipe, noise_scheduler, lambda: (pixels, input_ids, job["batch_size"]), 1,
+                                    optimizer, scaler, autocast, original, new_ids, 1.0))
+
+    return {**timed_steps(step, job["steps"], device), "resolution": resolution, "loss": losses[-1]}
 
 
 # ------------------------------------------------------------------------------------- meta-device counts

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler
 
 import p3_textual_inversion as ti
-from p3_concepts import add_placeholder_tokens, sample_images
+from p3_concepts import add_placeholder_tokens, sample_images, set_scheduler
 from sd_v1 import SD_V1_CONFIG, load_sd_pipeline, random_pipeline
 from toy_data import TINY_SD_DIR, build_tiny_sd
 from utils import Hw2Error, get_device, run_cli, seed_everything
@@ -81,7 +81,7 @@ class PeakRss:
 
 
 def train_worker(job):
-    """Time `steps` training steps of one configuration; return the median step time and peak memory."""
+    """Time `steps` training steps of one configuration; return the median step time, peak memory and last loss."""
     device = torch.device(job["device"])
     seed_everything(0)
     pipe = load_bench_pipeline(job["model"])
@@ -95,11 +95,13 @@ def train_worker(job):
     input_ids = pipe.tokenizer(["a photo of a <bench>"] * job["batch_size"], padding="max_length", max_length=77,
                                return_tensors="pt").input_ids
 
-    def step():
-        ti.train_step(pipe, noise_scheduler, lambda: (pixels, input_ids), 1, optimizer, scaler, autocast, original,
-                      new_ids)
+    losses = []
 
-    return {**timed_steps(step, job["steps"], device), "resolution": resolution}
+    def step():
+        losses.append(ti.train_step(pipe, noise_scheduler, lambda: (pixels, input_ids), 1, optimizer, scaler, autocast,
+                                    original, new_ids))
+
+    return {**timed_steps(step, job["steps"], device), "resolution": resolution, "loss": losses[-1]}
 
 
 def timed_steps(step, steps, device):
@@ -124,19 +126,22 @@ def timed_steps(step, steps, device):
 
 
 def generate_worker(job):
-    """Images/s of p3_concepts.sample_images (DPM-Solver++, the generate default)."""
+    """Images/s of p3_concepts.sample_images (DPM-Solver++, the generate default); the last batch's shape, whether
+    all its pixels are finite, and the weights' dtype."""
     device = torch.device(job["device"])
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # what generate uses
     pipe = load_bench_pipeline(job["model"], dtype).to(device)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    set_scheduler(pipe, "dpm")
     seeds = list(range(job["batch_size"]))
     sample_images(pipe, "a photo of a dog", seeds, 2, 7.5, job["resolution"])  # warm-up
     synchronize(device)
     start = time.perf_counter()
     for _ in range(job["repeats"]):
-        sample_images(pipe, "a photo of a dog", seeds, job["steps"], 7.5, job["resolution"])
+        images = sample_images(pipe, "a photo of a dog", seeds, job["steps"], 7.5, job["resolution"])
     synchronize(device)
-    return {"images_per_s": job["repeats"] * job["batch_size"] / (time.perf_counter() - start)}
+    return {"images_per_s": job["repeats"] * job["batch_size"] / (time.perf_counter() - start),
+            "shape": list(images.shape), "finite": bool(torch.isfinite(images).all()),
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def run_worker(job, module="benchmarks.p3_ti_bench"):

@@ -53,7 +53,8 @@ def bare_encoder(model, batches, device):
 
 
 def bench_model(label, model, preprocess, tokenizer, paths, classnames, templates, repeats, args, device):
-    """One result row: loop and bare images/s (medians over repeats), their ratio, and the text side's cost."""
+    """One result row: loop and bare images/s (medians over repeats), their ratio, the text side's cost, and how
+    many images the last loop classified with finite probabilities."""
     model = model.to(device).eval()
     p3.build_classifier(model, tokenizer, classnames[:1], templates, device, args.batch_size)  # warm-up
     classifier, text_seconds = timed(
@@ -63,14 +64,16 @@ def bench_model(label, model, preprocess, tokenizer, paths, classnames, template
     bare_encoder(model, batches[:1], device)  # warm-up: first-call allocations and kernel selection
     loop, bare = [], []
     for _ in range(repeats):  # interleaved, so that a busy machine slows both alike
-        loop.append(len(paths) / timed(lambda: p3.classify(model, loader, classifier, device, p3.TOP_K), device)[1])
+        (top_probs, _), seconds = timed(lambda: p3.classify(model, loader, classifier, device, p3.TOP_K), device)
+        loop.append(len(paths) / seconds)
         bare.append(len(paths) / timed(lambda: bare_encoder(model, batches, device), device)[1])
     loop_ips, bare_ips = statistics.median(loop), statistics.median(bare)
     prompts_per_second = len(classnames) * len(templates) / text_seconds
     course_seconds = COURSE_IMAGES / loop_ips + COURSE_CLASSES * len(templates) / prompts_per_second
     return {"model": label, "images": len(paths), "loop": loop_ips, "bare": bare_ips, "ratio": loop_ips / bare_ips,
             "prompts_per_second": prompts_per_second,
-            "course_ratio": COURSE_IMAGES / course_seconds / bare_ips}
+            "course_ratio": COURSE_IMAGES / course_seconds / bare_ips,
+            "classified": len(top_probs), "finite": bool(torch.isfinite(top_probs).all())}
 
 
 def main(argv=None):

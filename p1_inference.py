@@ -1,7 +1,7 @@
 """P1: sample 50 images per digit for MNIST-M and SVHN from a trained checkpoint (the grader's folder layout).
 
     python p1_inference.py OUT_DIR                                  # newest checkpoints/p1/ddpm*.safetensors
-    python p1_inference.py OUT_DIR --sampler ddpm --figures report/p1
+    python p1_inference.py OUT_DIR --sampler ddpm --figures outputs/p1_figures
 
 Writes OUT_DIR/mnistm/ and OUT_DIR/svhn/, each with exactly 500 28x28 RGB PNGs named {digit}_{index:03d}.png
 (index 001..050): the grader reads the label from the first character and every file in the folder as an image.

@@ -1,7 +1,8 @@
 """DDIM sampling with the course's face UNet: the grader's images, their MSE against ground truth, the eta grid.
 
-    python p2_ddim.py hw2_data/face/noise output/face hw2_data/face/UNet.pt
-    python p2_ddim.py hw2_data/face/noise output/face hw2_data/face/UNet.pt --gt hw2_data/face/GT --figures figures/p2
+    python p2_ddim.py hw2_data/face/noise outputs/p2/face hw2_data/face/UNet.pt
+    python p2_ddim.py hw2_data/face/noise outputs/p2/face hw2_data/face/UNet.pt --gt hw2_data/face/GT \\
+        --figures outputs/p2/figures
 
 Reads NOISE_DIR/00.pt, 01.pt, ... (each 1x3xHxW, H and W divisible by 32) in that order, runs DDIM (Song et
 al., "Denoising Diffusion Implicit Models", 2021) with the course's schedule, and writes OUT_DIR/00.png, ...

@@ -1,6 +1,6 @@
 """Interpolate between two DDIM noises, by slerp and linearly, and sample each with DDIM (eta = 0).
 
-    python p2_interpolate.py hw2_data/face/noise figures/p2_interpolation hw2_data/face/UNet.pt
+    python p2_interpolate.py hw2_data/face/noise outputs/p2/interpolation hw2_data/face/UNet.pt
 
 Takes NOISE_DIR/00.pt -> 01.pt at alpha = 0.0, 0.1, ..., 1.0 and writes, in OUT_DIR:
   slerp.png, linear.png         one labelled strip per method (11 images, alpha above each)

@@ -4,12 +4,12 @@
     python p3_custom_diffusion.py train --input-json hw2_data/textual_inversion/input.json \\
         --concept hw2_data/textual_inversion/cat "<cat1>" cat --out checkpoints/p3_cd
     # the grader's layout (25 images per prompt), or free prompts that mix the concepts
-    python p3_custom_diffusion.py generate hw2_data/textual_inversion/input.json out/p3_cd MODEL \\
+    python p3_custom_diffusion.py generate hw2_data/textual_inversion/input.json outputs/p3_cd MODEL \\
         --weights checkpoints/p3_cd
-    python p3_custom_diffusion.py generate hw2_data/textual_inversion/input.json out/p3_cd_free MODEL \\
+    python p3_custom_diffusion.py generate hw2_data/textual_inversion/input.json outputs/p3_cd_multi MODEL \\
         --weights checkpoints/p3_cd --prompt "A <new1> next to a <cat1> in the style of <new2>." --num-images 4
     # the grader's CLIP scores against input.json's baselines
-    python p3_custom_diffusion.py score hw2_data/textual_inversion/input.json out/p3_cd
+    python p3_custom_diffusion.py score hw2_data/textual_inversion/input.json outputs/p3_cd
 
 Custom Diffusion (Kumari et al., CVPR 2023). Each cross-attention layer of the UNet reads the text features c
 through keys K = W_k c and values V = W_v c (attention softmax(Q K^T / sqrt(d)) V, Q = W_q f from the image).

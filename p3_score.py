@@ -1,7 +1,7 @@
 """The course grader's CLIP check of P3's generated folders, shared by every P3 method's `score` subcommand.
 
-    python p3_textual_inversion.py score hw2_data/textual_inversion/input.json out/p3
-    python p3_custom_diffusion.py score hw2_data/textual_inversion/input.json out/p3_cd
+    python p3_textual_inversion.py score hw2_data/textual_inversion/input.json outputs/p3_ti
+    python p3_custom_diffusion.py score hw2_data/textual_inversion/input.json outputs/p3_cd
 
 For each concept and prompt the grader reads the 25 images of OUT_DIR/{concept}/{prompt}/ and scores each with
 CLIP (images through its CLIPProcessor): CLIP-I = mean over the concept's reference photos of 100 cos(image,

@@ -6,9 +6,9 @@
     # or learn every concept of an input.json (one sub-folder of --out per concept)
     python p3_textual_inversion.py train --input-json hw2_data/textual_inversion/input.json --out checkpoints/p3_ti
     # the grader's call: 25 images per concept and prompt in OUT_DIR/{c}/{p}/source{c}_prompt{p}_{i}.png
-    python p3_textual_inversion.py generate hw2_data/textual_inversion/input.json out/p3 MODEL
+    python p3_textual_inversion.py generate hw2_data/textual_inversion/input.json outputs/p3_ti MODEL
     # the grader's CLIP scores (top 5 of 25 by CLIP-I + 2.5 CLIP-T) against input.json's baselines
-    python p3_textual_inversion.py score hw2_data/textual_inversion/input.json out/p3
+    python p3_textual_inversion.py score hw2_data/textual_inversion/input.json outputs/p3_ti
 
 Textual inversion (Gal et al., 2022) freezes the whole text-to-image model and learns only the input embedding
 v* of a new token S*:  v* = argmin_v E_{x, eps, t} || eps - eps_theta(z_t, t, c_theta(y(S*))) ||^2  (their eq. 2),

@@ -153,7 +153,7 @@ CAT_FOLDER, CAT_TOKEN, CAT_WORD = "cat", "<cat1>", "cat"  # the provided cat pho
 # {0}, {1}: input.json's first two tokens (the dog and the style on the real data); {2}: the cat's token
 COMPARE_PROMPTS = ("A {0} next to a {2}.", "A {0} next to a {2} in the style of {1}.", "A {2} sitting on the {0}.")
 COMPARE_IMAGES = 4  # images per prompt and method, the same seeds for both methods
-# where the README trains extra textual-inversion concepts (outside checkpoints/p3_ti, which the grader's run loads)
+# where docs/p3.md trains extra textual-inversion concepts (outside checkpoints/p3_ti, which the grader's run loads)
 TI_EXTRA_DIR = Path(__file__).resolve().parent / "checkpoints" / "p3_ti_extra"
 CD_QUICK_TRAIN = ("--steps", "2", "--batch-size", "1", "--num-class-images", "2")  # seconds on the toy world
 

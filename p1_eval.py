@@ -6,8 +6,8 @@
 
 `train` fits one small CNN on the train.csv images of both datasets and reports its accuracy on each dataset's
 held-out val.csv; a set without val.csv is validated on a fixed 10% of its train.csv, left out of training (see
-p1_data.py). One classifier for both sets because the digit shapes are shared: on the toy world it scored
-higher on each set's val images than a classifier per set (SVHN 0.988 vs 0.969, MNIST-M about the same).
+p1_data.py). One classifier serves both sets: the digit shapes are shared, and each set's images teach it more
+about the other's digits.
 `score` reads every file of OUT_DIR/<dataset>/ as an image, takes the label from the file name's first
 character (as the grader does) and prints `MNIST-M acc = ...`, `SVHN acc = ...`, `acc = <mean>`.
 """

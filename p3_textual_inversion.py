@@ -102,7 +102,7 @@ def validation_images(pipe, prompt, resolution, autocast, seed):
 def prepare_for_training(pipe, device, mixed_precision, gradient_checkpointing):
     """Freeze VAE, UNet and text encoder and move them to `device`; only the input embedding table learns.
 
-    The VAE and UNet (93% of SD's weights) run in the mixed-precision dtype. The text encoder stays fp32, as in
+    The VAE and UNet (88% of SD v1's weights) run in the mixed-precision dtype. The text encoder stays fp32, as in
     diffusers' example: it holds the trainable table (small updates would vanish in fp16), and CPU autocast would
     feed its fp32 activations to half-precision LayerNorm weights.
 
@@ -326,7 +326,8 @@ def build_parser():
     train.add_argument("--resolution", type=int, default=None,
                        help="Training image size in pixels (default: the model's own, 512 for SD v1.4).")
     train.add_argument("--mixed-precision", choices=list(DTYPES), default="no",
-                       help="Run the frozen VAE/UNet/text encoder in fp16 or bf16 under autocast (no: fp32).")
+                       help="Run the frozen VAE and UNet in fp16 or bf16 under autocast; the text encoder, which "
+                            "holds the trained embedding table, keeps fp32 weights (no: all fp32).")
     train.add_argument("--gradient-checkpointing", action="store_true",
                        help="Recompute UNet and text-encoder activations in backward to save memory.")
     train.add_argument("--validate-every", type=int, default=0,

@@ -10,7 +10,7 @@ from p1_model import DATASETS, NUM_DIGITS
 from report_common import figure, require, skipped_step, table
 from utils import Hw2Error, get_device, load_checkpoint
 
-P1_DEFAULT_BENCH = "BENCH_p1.md"  # where p1_bench.py's documented example writes its --report
+P1_DEFAULT_BENCH = "outputs/p1_bench.md"  # where p1_bench.py's documented example writes its --report
 
 
 def p1_checkpoint(context):

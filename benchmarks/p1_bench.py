@@ -1,6 +1,7 @@
 """P1 benchmark: training and sampling throughput, and evaluator accuracy per sampler and guidance weight.
 
-    python benchmarks/p1_bench.py --ckpt checkpoints/p1/ddpm.safetensors --data hw2_data/digits --report BENCH_p1.md
+    python benchmarks/p1_bench.py --ckpt checkpoints/p1/ddpm.safetensors --data hw2_data/digits \
+        --report outputs/p1_bench.md
 
 Everything is measured side by side in one run on one device: each timed variant is called once to warm up, then
 the variants alternate for --repeats rounds and each reports its median, so the ratios hold on a busy machine.

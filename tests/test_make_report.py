@@ -28,7 +28,7 @@ LABEL_MARGIN = 150  # room a labelled figure may take beyond its tiles (label co
 
 
 def run_report(data, out, cwd, *extra):
-    """make_report.py in a subprocess; `cwd` is an empty folder, so checkpoints/ and BENCH_p1.md are not found."""
+    """make_report.py in a subprocess; `cwd` is an empty folder: checkpoints/ and outputs/p1_bench.md are absent."""
     return subprocess.run([sys.executable, str(REPO / "make_report.py"), "--data", str(data), "--out", str(out),
                            *map(str, extra)], cwd=cwd, env=ENV, capture_output=True, text=True)
 

@@ -12,6 +12,7 @@ Textual inversion (p3_textual_inversion.py) and Custom Diffusion (p3_custom_diff
 
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,17 @@ from safetensors.torch import save as safetensors_save
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from utils import Hw2Error, atomic_dir, atomic_write_bytes, atomic_write_text, load_rgb, save_png
+from sd_v1 import default_model, load_sd_pipeline
+from utils import (
+    Hw2Error,
+    announce_toy_world,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    get_device,
+    load_rgb,
+    save_png,
+)
 
 INPUT_FIELDS = ("token_name", "src_image", "prompt", "prompt_4_clip_eval", "baseline")
 TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")  # placeholder tokens in prompts: "<new1>"
@@ -368,6 +379,32 @@ def set_scheduler(pipe, name):
     """Swap in the sampler `name` (a SCHEDULERS key) built from the model's own scheduler config; 'model' keeps it."""
     if name != "model":
         pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+
+def generate_command(args, install, learned, fix="pass the files learned for those tokens"):
+    """What every P3 method's `generate` does around its own learned files: check input.json, the flags and the
+    output folders, load SD v1 (fp16 on CUDA, which halves its time and memory), `install(pipe)` the learned files
+    (described as `learned` in the run header), check that they provide every prompt's tokens, then write the
+    grader's folders."""
+    announce_toy_world(args.input_json)
+    data = read_input_json(args.input_json, ("token_name", "prompt"))
+    check_generation_args(args)
+    out_dir = Path(args.out_dir)
+    jobs = output_jobs(data, out_dir, args.prompt)
+    for folder, stem, _, _ in jobs:
+        check_destination(folder, stem)
+    device = get_device(args.device)
+    model = args.model or default_model(args.input_json)
+    pipe = load_sd_pipeline(model, torch.float16 if device.type == "cuda" else torch.float32)
+    set_scheduler(pipe, args.scheduler)
+    install(pipe)
+    check_tokens(pipe, [prompt for _, _, prompt, _ in jobs], "--prompt" if args.prompt else args.input_json, fix)
+    pipe.to(device)
+    print(f"Model {model}; {learned}; {args.scheduler} scheduler, {args.steps} steps.")
+    start = time.perf_counter()
+    count = generate_folders(pipe, jobs, args)
+    seconds = time.perf_counter() - start
+    print(f"Wrote {count} images to {out_dir} in {seconds:.1f} s ({count / seconds:.2f} images/s on {device}).")
 
 
 def add_generation_arguments(parser):

@@ -28,7 +28,6 @@ SD v1.4 `model.ckpt`. On a toy world (built by toy_data.py) every subcommand def
 
 import argparse
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +51,14 @@ from p3_concepts import (
     TOKEN_PATTERN,
     add_generation_arguments,
     add_placeholder_tokens,
-    check_destination,
-    check_generation_args,
-    check_tokens,
     concept_image_paths,
     concept_property,
     denoising_loss,
     encode_latents,
     expand_rows,
-    generate_folders,
+    generate_command,
     image_seed,
     load_concept_images,
-    output_jobs,
     read_input_json,
     restore_frozen_rows,
     rng_state,
@@ -363,30 +358,12 @@ def run_train(args):
 
 
 def run_generate(args):
-    announce_toy_world(args.input_json)
-    data = read_input_json(args.input_json, ("token_name", "prompt"))
-    check_generation_args(args)
-    out_dir = Path(args.out_dir)
-    jobs = output_jobs(data, out_dir, args.prompt)
-    for folder, stem, _, _ in jobs:
-        check_destination(folder, stem)
     weights = Path(args.weights or DEFAULT_WEIGHTS_DIR)
-    check_weights_folder(weights)  # before the (slow) model load
-    device = get_device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # fp16 halves SD's time and memory on a GPU
-    model = args.model or default_model(args.input_json)
-    pipe = load_sd_pipeline(model, dtype)
-    set_scheduler(pipe, args.scheduler)
-    files = load_custom_diffusion(pipe, weights)
-    check_tokens(pipe, [prompt for _, _, prompt, _ in jobs], "--prompt" if args.prompt else args.input_json,
-                 fix=f"train a concept with that token into {weights}, or pass --weights with the folder that has it")
-    pipe.to(device)
-    print(f"Model {model}; Custom Diffusion weights {weights} (token files {', '.join(p.name for p in files)}); "
-          f"{args.scheduler} scheduler, {args.steps} steps.")
-    start = time.perf_counter()
-    count = generate_folders(pipe, jobs, args)
-    seconds = time.perf_counter() - start
-    print(f"Wrote {count} images to {out_dir} in {seconds:.1f} s ({count / seconds:.2f} images/s on {device}).")
+    _, token_files = check_weights_folder(weights)  # before the (slow) model load
+    generate_command(args, lambda pipe: load_custom_diffusion(pipe, weights),
+                     f"Custom Diffusion weights {weights} (token files {', '.join(p.name for p in token_files)})",
+                     fix=f"train a concept with that token into {weights}, or pass --weights with the folder that "
+                         f"has it")
 
 
 # --------------------------------------------------------------------------------------------------- CLI

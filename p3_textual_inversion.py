@@ -22,7 +22,6 @@ subcommand defaults to the tiny random models under `hw2_data/toy_models/`.
 
 import argparse
 import copy
-import time
 from pathlib import Path
 
 import torch
@@ -34,19 +33,15 @@ from p3_concepts import (
     TEMPLATES,
     add_generation_arguments,
     add_placeholder_tokens,
-    check_destination,
-    check_generation_args,
-    check_tokens,
     concept_image_paths,
     concept_property,
     denoising_loss,
     encode_latents,
     expand_placeholder,
     expand_rows,
-    generate_folders,
+    generate_command,
     load_concept_images,
     load_embeds,
-    output_jobs,
     read_input_json,
     restore_frozen_rows,
     rng_state,
@@ -55,7 +50,6 @@ from p3_concepts import (
     save_a1111_embedding,
     save_learned_embeds,
     set_rng_state,
-    set_scheduler,
     slice_rows,
     token_file_path,
 )
@@ -267,27 +261,8 @@ def find_embeds(paths):
 
 
 def run_generate(args):
-    announce_toy_world(args.input_json)
-    data = read_input_json(args.input_json, ("token_name", "prompt"))
-    check_generation_args(args)
-    out_dir = Path(args.out_dir)
-    jobs = output_jobs(data, out_dir, args.prompt)
-    for folder, stem, _, _ in jobs:
-        check_destination(folder, stem)
     files = find_embeds(args.embeds or [DEFAULT_EMBEDS_DIR])
-    device = get_device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # fp16 halves SD's time and memory on a GPU
-    model = args.model or default_model(args.input_json)
-    pipe = load_sd_pipeline(model, dtype)
-    set_scheduler(pipe, args.scheduler)
-    load_embeds(pipe, files)
-    check_tokens(pipe, [prompt for _, _, prompt, _ in jobs], "--prompt" if args.prompt else args.input_json)
-    pipe.to(device)
-    print(f"Model {model}; embeddings {', '.join(map(str, files))}; {args.scheduler} scheduler, {args.steps} steps.")
-    start = time.perf_counter()
-    count = generate_folders(pipe, jobs, args)
-    seconds = time.perf_counter() - start
-    print(f"Wrote {count} images to {out_dir} in {seconds:.1f} s ({count / seconds:.2f} images/s on {device}).")
+    generate_command(args, lambda pipe: load_embeds(pipe, files), f"embeddings {', '.join(map(str, files))}")
 
 
 # --------------------------------------------------------------------------------------------------- CLI

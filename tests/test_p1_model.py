@@ -298,7 +298,19 @@ def test_unet_shapes_and_conditioning(name):
         assert not torch.allclose(changed, one)
 
 
-TOY_PARAMETERS = 734_380  # the count p1_model.PRESETS, README (P1) and BENCHMARKS.md state for the toy preset
+def test_self_attention_matches_torch_sdpa():
+    """The written-out attention against torch's own scaled_dot_product_attention on the same q, k, v."""
+    torch.manual_seed(0)
+    attention = pm.SelfAttention(channels=64, heads=4, groups=8)
+    x = torch.randn(3, 64, 7, 7)
+    q, k, v = attention.qkv(attention.norm(x)).reshape(3, 3, 4, 16, 49).unbind(1)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
+                                                                 v.transpose(-1, -2))
+    expected = x + attention.proj(reference.transpose(-1, -2).reshape(3, 64, 7, 7))
+    torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
+
+
+TOY_PARAMETERS = 734_380  # the count p1_model.PRESETS and docs/p1.md state for the toy preset
 
 
 def test_toy_preset_size():

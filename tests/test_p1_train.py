@@ -74,7 +74,7 @@ def test_resume_is_exact(toy_world, tmp_path):
     assert not torch.equal(first["model"]["conv_in.weight"], straight["model"]["conv_in.weight"])  # it trained
     assert sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir()) == ["epoch_001.png",
                                                                                      "epoch_002.png"]
-    assert straight["config"]["schedule"] == "cosine" and straight["train"]["lr"] == 2e-3  # toy preset
+    assert straight["config"]["schedule"] == "cosine" and straight["train"]["lr"] == p1_train.TRAIN_PRESETS["toy"]["lr"]
 
 
 class CountedReads(torch.Tensor):

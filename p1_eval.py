@@ -2,14 +2,17 @@
 
     python p1_eval.py train                        # hw2_data/digits -> checkpoints/p1/evaluator.safetensors
     python p1_eval.py score OUT_DIR                # OUT_DIR/mnistm, OUT_DIR/svhn from p1_inference.py
-    python p1_eval.py score OUT_DIR --lenet Classifier.pth   # also the course's MNIST-M LeNet
+    python p1_eval.py score OUT_DIR --course-classifier Classifier.pth   # the course's own grader, reproduced
 
 `train` fits one small CNN on the train.csv images of both datasets and reports its accuracy on each dataset's
 held-out val.csv; a set without val.csv is validated on a fixed 10% of its train.csv, left out of training (see
 p1_data.py). One classifier serves both sets: the digit shapes are shared, and each set's images teach it more
 about the other's digits.
 `score` reads every file of OUT_DIR/<dataset>/ as an image, takes the label from the file name's first
-character (as the grader does) and prints `MNIST-M acc = ...`, `SVHN acc = ...`, `acc = <mean>`.
+character (as the grader does), takes one argmax per image (as the grader does; `--tta` averages the softmax over
+five shifted copies instead) and prints `MNIST-M acc = ...`, `SVHN acc = ...`, `acc = <mean>`. With
+`--course-classifier`, MNIST-M is scored exactly as the course's digit_classifier.py does, and SVHN by its
+resnet34_svhn where that loads offline (see p1_course_classifier.py).
 """
 
 import argparse
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from p1_course_classifier import course_predictions, labelled_files, load_course_classifier, resnet34_svhn
 from p1_data import load_split, to_model_range
 from p1_model import DATASETS, NUM_DIGITS
 from p1_train import DEFAULT_DATA, DEFAULT_OUT
@@ -30,7 +34,6 @@ from utils import (
     get_device,
     load_checkpoint,
     load_rgb,
-    load_torch_file,
     run_cli,
     save_checkpoint,
     seed_everything,
@@ -65,24 +68,6 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-class LeNet(nn.Module):
-    """The course's MNIST-M classifier (Classifier.pth): inputs 28x28, normalised with mean = std = 0.5."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 4 * 4, 128)
-        self.fc2 = nn.Linear(128, 64)
-        self.fc3 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # [B, 6, 12, 12]
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [B, 16, 4, 4]
-        x = F.relu(self.fc1(x.flatten(1)))
-        return self.fc3(F.relu(self.fc2(x)))
-
-
 def shift(x, dy, dx):
     """Translate images [N, C, H, W] by (dy, dx) pixels, repeating the edge pixels into the gap."""
     pad = max(abs(dy), abs(dx))
@@ -97,15 +82,17 @@ def random_shift(x, generator, max_shift=2):
 
 
 @torch.no_grad()
-def predict(model, images, batch_size=500):
-    """Argmax digits of float images [N, 3, 28, 28], averaging the softmax over the image and its four
-    one-pixel shifts (test-time augmentation: +0.5 to 1 point on the toy val sets)."""
+def predict(model, images, batch_size=500, tta=False):
+    """Argmax digits of float images [N, 3, 28, 28]: one plain argmax per image, as the course's grader takes;
+    with `tta`, of the softmax averaged over the image and its four one-pixel shifts (test-time augmentation)."""
     model.eval()
     predictions = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size]
-        probs = sum(F.softmax(model(shift(x, dy, dx)), dim=1) for dy, dx in TTA_SHIFTS)
-        predictions.append(probs.argmax(1))
+        if tta:
+            predictions.append(sum(F.softmax(model(shift(x, dy, dx)), dim=1) for dy, dx in TTA_SHIFTS).argmax(1))
+        else:
+            predictions.append(model(x).argmax(1))
     return torch.cat(predictions)
 
 
@@ -143,11 +130,14 @@ def train_command(args, device):
     val_images, val_digits, val_sets = load_split(args.data, "val", cache_dir=cache)
     model = fit_classifier(to_model_range(train_images), train_digits, args.epochs, args.seed, device,
                            "training the digit classifier")
-    predictions = predict(model, to_model_range(val_images).to(device))
+    val_images = to_model_range(val_images).to(device)
+    predictions, with_tta = predict(model, val_images), predict(model, val_images, tta=True)
     state = {"config": asdict(ClassifierConfig()), "model": model.state_dict(), "val_acc": {}}
     for d, name in enumerate(DATASETS):
         acc, correct, total = accuracy(predictions[val_sets == d], val_digits[val_sets == d])
-        print(f"{DISPLAY[name]}: held-out val acc = {acc:.4f} (correct/total = {correct}/{total})")
+        tta_acc, tta_correct, _ = accuracy(with_tta[val_sets == d], val_digits[val_sets == d])
+        print(f"{DISPLAY[name]}: held-out val acc = {acc:.4f} (correct/total = {correct}/{total}); with --tta "
+              f"{tta_acc:.4f} ({tta_correct}/{total})")
         state["val_acc"][name] = acc
     path = Path(args.out) / EVALUATOR_NAME
     save_checkpoint(path, state)
@@ -165,51 +155,60 @@ def load_evaluator(path, device):
     return model.to(device).eval()
 
 
-def load_lenet(path):
-    """The course's LeNet from a torch file holding {"state_dict": ...} (loaded with weights_only=True)."""
-    checkpoint = load_torch_file(path)
-    model = LeNet()
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise Hw2Error(f"{path} is not the course's LeNet classifier (a state_dict of conv1/conv2/fc1-fc3 under "
-                       f"the key 'state_dict'): {str(err).splitlines()[0]}") from err
-    return model.eval()
-
-
 def read_generated(folder):
     """Every file of `folder` as a float image in [-1, 1] resized to 28x28, and the digit its name starts with."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise Hw2Error(f"{folder} not found: OUT_DIR must hold mnistm/ and svhn/ (from p1_inference.py)")
-    images, labels = [], []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if not path.name[0].isdigit():
-            raise Hw2Error(f"{path}: the file name must start with its digit label (e.g. 3_017.png)")
+    files, labels = labelled_files(folder)
+    images = []
+    for path in files:
         image = load_rgb(path)
         if image.size != (28, 28):
             image = image.resize((28, 28), resample=3)
         images.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(28, 28, 3))
-        labels.append(int(path.name[0]))
-    if not images:
-        raise Hw2Error(f"{folder} holds no images")
-    return to_model_range(torch.stack(images).permute(0, 3, 1, 2)), torch.tensor(labels)
+    return to_model_range(torch.stack(images).permute(0, 3, 1, 2)), labels
+
+
+def evaluator_counts(model, folder, device, tta):
+    """(correct, total) of our evaluator on the generated images of `folder`."""
+    images, labels = read_generated(folder)
+    return accuracy(predict(model, images.to(device), tta=tta), labels)[1:]
+
+
+def course_counts(args, device):
+    """(correct, total) per dataset as the course's digit_classifier.py counts them: MNIST-M by Classifier.pth,
+    SVHN by resnet34_svhn where it loads offline, else by our evaluator; one line says which scored SVHN."""
+    classifier = load_course_classifier(args.course_classifier)
+    svhn_model, why_not = resnet34_svhn()
+    if svhn_model is None:
+        if not Path(args.evaluator).is_file():
+            raise Hw2Error(f"SVHN needs the course's resnet34_svhn, but {why_not}, or our evaluator, but "
+                           f"{args.evaluator} does not exist: train it with `python p1_eval.py train`, or see "
+                           f"docs/p1.md for resnet34_svhn")
+        evaluator = load_evaluator(args.evaluator, device)
+        print(f"SVHN: scored by our evaluator {args.evaluator}{' with --tta' if args.tta else ''}, not the course's "
+              f"resnet34_svhn: {why_not}")
+    else:
+        print("SVHN: scored by the course's resnet34_svhn (timm, registered by the detectors package)")
+    out = Path(args.out_dir)
+    _, predicted, labels = course_predictions(classifier, out / "mnistm", device)
+    counts = [accuracy(predicted, labels)[1:]]
+    if svhn_model is None:
+        counts.append(evaluator_counts(evaluator, out / "svhn", device, args.tta))
+    else:
+        _, predicted, labels = course_predictions(svhn_model, out / "svhn", device)
+        counts.append(accuracy(predicted, labels)[1:])
+    return counts
 
 
 def score_command(args, device):
-    evaluator = Path(args.evaluator)
-    model = load_evaluator(evaluator, device)
-    lenet = load_lenet(args.lenet).to(device) if args.lenet else None
-    accs = []
-    for name in DATASETS:
-        images, labels = read_generated(Path(args.out_dir) / name)
-        acc, correct, total = accuracy(predict(model, images.to(device)), labels)
-        accs.append(acc)
-        print(f"{DISPLAY[name]} acc = {acc:.4f} (correct/total = {correct}/{total})")
-        if name == "mnistm" and lenet is not None:
-            # the same [-1, 1] images are what LeNet's (x - 0.5) / 0.5 normalisation of [0, 1] inputs gives
-            acc, correct, total = accuracy(predict(lenet, images.to(device)), labels)
-            print(f"MNIST-M acc (course LeNet) = {acc:.4f} (correct/total = {correct}/{total})")
+    """Print each dataset's accuracy and their mean in the grader's three lines; return the two accuracies."""
+    if args.course_classifier:
+        counts = course_counts(args, device)
+    else:
+        model = load_evaluator(Path(args.evaluator), device)
+        counts = [evaluator_counts(model, Path(args.out_dir) / name, device, args.tta) for name in DATASETS]
+    for name, (correct, total) in zip(DATASETS, counts):
+        print(f"{DISPLAY[name]} acc = {correct / total:.4f} (correct/total = {correct}/{total})")
+    accs = [correct / total for correct, total in counts]
     print(f"acc = {sum(accs) / len(accs):.4f}")
     return accs
 
@@ -239,8 +238,12 @@ def build_parser():
     score.add_argument("out_dir", type=str, help="Folder holding mnistm/ and svhn/ of generated images.")
     score.add_argument("--evaluator", type=str, default=str(Path(DEFAULT_OUT) / EVALUATOR_NAME),
                        help="Evaluator checkpoint written by `p1_eval.py train`.")
-    score.add_argument("--lenet", type=str, default=None,
-                       help="The course's MNIST-M LeNet file (state_dict under 'state_dict'); also scores with it.")
+    score.add_argument("--course-classifier", type=str, default=None,
+                       help="The course's MNIST-M Classifier.pth: score as its digit_classifier.py does (MNIST-M by "
+                            "this file, SVHN by timm's resnet34_svhn where it loads offline, else by --evaluator).")
+    score.add_argument("--tta", action="store_true",
+                       help="Our evaluator only: average the softmax over each image and its four one-pixel shifts "
+                            "instead of one plain argmax (the course's grader takes the plain argmax).")
     return parser
 
 

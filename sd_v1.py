@@ -12,8 +12,9 @@ also accepts numpy scalars and PyTorch Lightning's callback records (inert stand
 Its architecture is checked against the configs, diffusers' own converter (`from_single_file`) turns it into a
 pipeline, and that pipeline is written once, atomically, as a diffusers folder of `.safetensors` files: the cache
 `<file>.hw2-diffusers/` beside the file when that folder is writable, else under ~/.cache/hw2/sd_v1 (or
-$XDG_CACHE_HOME/hw2/sd_v1). Later runs load the cache with `from_pretrained` (no unpickling, no conversion) while
-the file's path, size and modification time are those recorded in it.
+$XDG_CACHE_HOME/hw2/sd_v1). Its files and folders get the umask's usual modes (0644 / 0755 under 022), so that
+another account, the grader's, loads it too. Later runs, of any account, load the cache with `from_pretrained` (no
+unpickling, no conversion) while the file's path, size and modification time are those recorded in it.
 """
 
 import contextlib
@@ -254,13 +255,28 @@ def original_shapes(path):
 # ------------------------------------------------------------------------------------------- the diffusers cache
 
 
-def cache_dir(source):
-    """Where the diffusers copy of `source` lives: beside it when its folder is writable, else in ~/.cache."""
-    if os.access(source.parent, os.W_OK):
-        return source.with_name(source.name + CACHE_SUFFIX)
+def user_cache_dir(source):
+    """The diffusers copy of `source` in this account's cache (~/.cache/hw2/sd_v1, or $XDG_CACHE_HOME/hw2/sd_v1)."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hw2" / "sd_v1"
     digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
     return root / f"{source.name}.{digest}{CACHE_SUFFIX}"
+
+
+def cache_dir(source):
+    """Where a new diffusers copy of `source` is written: beside it when its folder is writable, else in the
+    account's own cache."""
+    if os.access(source.parent, os.W_OK):
+        return source.with_name(source.name + CACHE_SUFFIX)
+    return user_cache_dir(source)
+
+
+def find_valid_cache(source):
+    """A valid diffusers copy of `source`, or None. The one beside it comes first even where this account cannot
+    write there: another account (the student's, for the grader) may have converted the file already."""
+    for cache in (source.with_name(source.name + CACHE_SUFFIX), user_cache_dir(source)):
+        if cache_is_valid(cache, source):
+            return cache
+    return None
 
 
 def source_stamp(source):
@@ -333,8 +349,8 @@ def load_sd_pipeline(model, dtype=torch.float32, config=SD_V1_CONFIG):
         if path.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
         elif path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
-            cache = cache_dir(path)
-            if cache_is_valid(cache, path):
+            cache = find_valid_cache(path)
+            if cache is not None:
                 pipe = StableDiffusionPipeline.from_pretrained(cache, **kwargs)
             else:
                 pipe = convert_single_file(path, config).to(dtype=dtype)

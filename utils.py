@@ -6,10 +6,12 @@ Everything here is small and independent of any one problem. Errors meant for th
 """
 
 import contextlib
+import functools
 import json
 import os
 import random
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +25,7 @@ from torchvision.utils import make_grid
 
 TOY_MARKER = "TOY"  # file at the root of a toy hw2_data tree (written by toy_data.py)
 _METADATA_KEY = "hw2"  # safetensors header entry that holds our JSON metadata
+PROC_STATUS = "/proc/self/status"  # where Linux shows a process's umask without changing it
 
 
 class Hw2Error(Exception):
@@ -126,11 +129,28 @@ def standard_normal(shape, generator, device, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------- atomic writes
 
 
+def current_umask():
+    """This process's umask. Linux shows it in /proc/self/status; elsewhere os.umask can only read it by setting
+    it, which changes it for every thread for a moment, so that is done once and remembered."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path(PROC_STATUS).read_text().splitlines()
+        return int(next(line.split()[1] for line in lines if line.startswith("Umask:")), 8)
+    return _umask_read_once()
+
+
+@functools.cache
+def _umask_read_once():
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path beside `path`; on success it is fsynced and renamed over `path`, else removed.
 
-    Readers therefore see either the old file or the complete new one, never a half-written file.
+    Readers therefore see either the old file or the complete new one, never a half-written file. The file gets
+    the permissions that open() gives a new file under the umask (0644 under the usual 022).
     """
     path = Path(path)
     try:
@@ -139,10 +159,8 @@ def atomic_path(path):
     except OSError as err:
         raise Hw2Error(f"cannot write {path}: {err.strerror or err}") from err
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions of a new file
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes owner-only files; give those open() gives
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -153,17 +171,34 @@ def atomic_path(path):
         raise
 
 
+def give_usual_modes(folder):
+    """Set `folder` and everything in it to the modes mkdir() and open() give under the umask; an executable file
+    stays executable, a folder keeps a setgid bit inherited from its parent, and symbolic links are left alone."""
+    umask = current_umask()
+    for root, _, files in os.walk(folder):  # visits real folders only: a link to a folder is listed, not entered
+        os.chmod(root, (0o777 & ~umask) | (os.lstat(root).st_mode & stat.S_ISGID))
+        for name in files:
+            file = os.path.join(root, name)
+            mode = os.lstat(file).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(file, (0o777 if mode & stat.S_IXUSR else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path):
     """Yield a temp folder beside `path`; on success it replaces `path` (an earlier one is removed), else it goes.
 
-    The caller decides whether an existing `path` may be replaced before entering.
+    The caller decides whether an existing `path` may be replaced before entering. The folder and everything in
+    it get the permissions that mkdir() and open() give under the umask (0755 / 0644 under the usual 022), so that
+    another account, the grader's, can read them: mkdtemp makes an owner-only folder, and some writers (safetensors'
+    save_file, hence diffusers' save_pretrained) make owner-only files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial."))
     try:
         yield tmp
+        give_usual_modes(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

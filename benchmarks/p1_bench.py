@@ -66,7 +66,7 @@ def sampling(diffusion, sampler, steps, guidance, count, device):
     return run
 
 
-def sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit, batch_size, device):
+def sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit, batch_size, device, tta=False):
     """Per-dataset evaluator accuracy of `per_digit` images per digit, and the seconds the sampling took."""
     settings = Namespace(sampler=sampler, steps=steps, eta=0.0, guidance=guidance, seed=0, batch_size=batch_size)
     start = time.perf_counter()
@@ -77,7 +77,7 @@ def sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit, 
     plan = sample_plan(per_digit)
     dataset = torch.tensor([p[0] for p in plan])
     digit = torch.tensor([p[1] for p in plan])
-    accs = [accuracy(predict(evaluator, images[dataset == d].to(device)), digit[dataset == d])[0]
+    accs = [accuracy(predict(evaluator, images[dataset == d].to(device), tta=tta), digit[dataset == d])[0]
             for d in range(len(DATASETS))]
     return accs, seconds
 
@@ -133,12 +133,12 @@ def main(argv=None):
 
     if args.runs:
         evaluator = load_evaluator(args.evaluator, device)
-        lines += ["", "Evaluator accuracy (seed 0; images = per dataset):", "",
+        lines += ["", f"Evaluator accuracy (seed 0; images = per dataset{'; --tta' if args.tta else ''}):", "",
                   "| sampler | guidance w | images | MNIST-M | SVHN | mean | sampling s |",
                   "|---|---|---|---|---|---|---|"]
         for sampler, steps, guidance, per_digit in parse_runs(args.runs, args.per_digit):
             accs, seconds = sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit,
-                                             args.sample_batch, device)
+                                             args.sample_batch, device, args.tta)
             lines.append(f"| {sampler.upper()}-{steps} | {guidance:g} | {10 * per_digit} | {accs[0]:.3f} | "
                          f"{accs[1]:.3f} | {sum(accs) / 2:.3f} | {seconds:.0f} |")
             print(lines[-1], flush=True)
@@ -170,6 +170,9 @@ def build_parser():
                         help="Accuracy runs as sampler:steps:guidance[:per_digit], comma-separated; empty to skip.")
     parser.add_argument("--per-digit", type=int, default=10, help="Images per digit and dataset per accuracy run.")
     parser.add_argument("--sample-batch", type=int, default=250, help="Batch size of the accuracy runs.")
+    parser.add_argument("--tta", action="store_true",
+                        help="Score with the evaluator's test-time augmentation (as `p1_eval.py score --tta`) "
+                             "instead of one plain argmax per image.")
     parser.add_argument("--machine", type=str, default="2-core CPU, no GPU",
                         help="Description of the machine, for the report's heading.")
     parser.add_argument("--report", type=str, default=None, help="Also write the markdown table to this file.")

@@ -50,6 +50,16 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request):
+    """Run a test under umask 022 (the usual one) and 027 (a group-only site); the old umask comes back after."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
 @pytest.fixture()
 def small_digits(toy_world, tmp_path):
     """A function that copies the first `rows` train.csv images of each toy digit set into tmp_path/hw2_data and

@@ -113,6 +113,30 @@ def test_the_cache_is_written_once_and_redone_when_the_source_changes(tiny, tmp_
     assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt)
 
 
+def test_the_cache_is_readable_by_other_accounts_and_used_by_them(tiny, tmp_path, umask, monkeypatch, capsys):
+    """Every file and folder of the cache has the mode open() / mkdir() give under the umask (0644 / 0755 under
+    022: the grader's account can read it); an account that cannot write beside the checkpoint loads that cache
+    instead of converting the file again into its own ~/.cache."""
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    file_mode, dir_mode = (tmp_path / "plain.txt").stat().st_mode, (tmp_path / "plain_dir").stat().st_mode
+    ckpt = fresh_copy(tiny, tmp_path)
+    sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    cache = tmp_path / ("model.ckpt" + sd_v1.CACHE_SUFFIX)
+    assert "Converted" in capsys.readouterr().out
+    made = [cache, *cache.rglob("*")]
+    wrong = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode) for p in made
+             if p.stat().st_mode != (dir_mode if p.is_dir() else file_mode)}
+    assert len(made) > 10 and not wrong, f"expected {oct(file_mode)} / {oct(dir_mode)}, got {wrong}"
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other_account_cache"))
+    monkeypatch.setattr(sd_v1.os, "access", lambda path, mode: Path(path) != ckpt.parent)
+    assert sd_v1.cache_dir(ckpt) != cache  # this account would write its own copy elsewhere...
+    assert_same_weights(tiny["pipe"], sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"]))
+    assert "Converted" not in capsys.readouterr().out  # ...but reads the one already there
+    assert not (tmp_path / "other_account_cache").exists()
+
+
 def test_a_cache_that_cannot_be_written_still_loads_the_model(tiny, tmp_path, monkeypatch, capsys):
     """A full disk on the grading machine costs the next run a conversion, never this run's images."""
     ckpt = fresh_copy(tiny, tmp_path)

@@ -53,6 +53,19 @@ def test_marker(toy_world):
     assert marker["seed"] == 0
 
 
+def test_another_account_can_read_the_toy_world(toy_world, tmp_path):
+    """Every folder and file has the mode mkdir() / open() give under this umask (0755 / 0644 under 022), although
+    the tree is built in a mkdtemp folder (0700) and its safetensors files are written 0600 by save_file."""
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    file_mode, dir_mode = (tmp_path / "plain.txt").stat().st_mode, (tmp_path / "plain_dir").stat().st_mode
+    made = [toy_world, *toy_world.rglob("*")]
+    wrong = {str(p.relative_to(toy_world)): oct(p.stat().st_mode) for p in made
+             if p.stat().st_mode != (dir_mode if p.is_dir() else file_mode)}
+    assert not wrong, (f"{len(wrong)} of {len(made)} differ from {oct(file_mode)} / {oct(dir_mode)}: "
+                       f"{dict(list(wrong.items())[:5])}")
+
+
 @pytest.mark.parametrize("name", DIGIT_SETS)
 def test_digit_set_layout_and_csv_schema(toy_world, name):
     folder = toy_world / "digits" / name

@@ -183,11 +183,46 @@ def test_atomic_path_unwritable_folder(tmp_path):
             pass
 
 
-def test_atomic_path_gives_a_new_file_the_usual_permissions(tmp_path):
-    """The grader and other users must be able to read our outputs, as with a file made by open()."""
-    utils.atomic_write_text(tmp_path / "atomic.txt", "x")
+def test_outputs_get_the_modes_that_plain_open_and_mkdir_give(umask, tmp_path):
+    """Another account (the grader's) reads what the scripts write: every file and folder made by atomic_dir,
+    atomic_path, save_checkpoint and save_png has the mode open() / mkdir() give under the same umask, 0644 / 0755
+    under 022 and 0640 / 0750 under 027, where mkstemp and mkdtemp alone make 0600 / 0700."""
     (tmp_path / "plain.txt").write_text("x")
-    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+    (tmp_path / "plain_dir").mkdir()
+    file_mode, dir_mode = (tmp_path / "plain.txt").stat().st_mode, (tmp_path / "plain_dir").stat().st_mode
+    assert (file_mode & 0o777, dir_mode & 0o777) == (0o666 & ~umask, 0o777 & ~umask)  # the reference itself
+    with utils.atomic_dir(tmp_path / "out") as tmp:
+        utils.save_png(torch.zeros(3, 4, 4), tmp / "image.png")
+        (tmp / "sub").mkdir()
+        utils.save_checkpoint(tmp / "sub" / "state.safetensors", {"w": torch.zeros(2)})
+        save_file({"w": torch.zeros(2)}, tmp / "sub" / "owner_only.safetensors")  # safetensors writes 0600 files
+        (tmp / "run.sh").write_text("true\n")
+        (tmp / "run.sh").chmod(0o700)
+    utils.atomic_write_text(tmp_path / "atomic.txt", "x")
+    utils.save_grid(torch.zeros(2, 3, 4, 4), tmp_path / "grid.png", nrow=2)
+    with utils.atomic_path(tmp_path / "raw.bin") as tmp:
+        tmp.write_bytes(b"x")
+    made = [tmp_path / "out", tmp_path / "out" / "sub", tmp_path / "out" / "image.png",
+            tmp_path / "out" / "sub" / "state.safetensors", tmp_path / "out" / "sub" / "owner_only.safetensors",
+            tmp_path / "atomic.txt", tmp_path / "grid.png", tmp_path / "raw.bin"]
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode) for p in made}
+    expected = {p.relative_to(tmp_path).as_posix(): oct(dir_mode if p.is_dir() else file_mode) for p in made}
+    assert modes == expected
+    assert (tmp_path / "out" / "run.sh").stat().st_mode & 0o777 == 0o777 & ~umask  # executable stays executable
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "a temp file was left"
+
+
+def test_current_umask_is_read_without_changing_it(umask, monkeypatch):
+    assert utils.current_umask() == umask
+    # where /proc/self/status is missing (macOS), os.umask is read once and remembered
+    monkeypatch.setattr(utils, "PROC_STATUS", "/nonexistent/status")
+    utils._umask_read_once.cache_clear()
+    try:
+        assert utils.current_umask() == umask and utils.current_umask() == umask
+        assert utils._umask_read_once.cache_info().misses == 1
+    finally:
+        utils._umask_read_once.cache_clear()
+    assert os.umask(umask) == umask, "reading the umask changed it"
 
 
 def test_atomic_dir_replaces_only_when_complete(tmp_path):

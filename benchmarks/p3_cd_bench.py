@@ -31,11 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import p3_custom_diffusion as cd
-import p3_textual_inversion as ti
 from benchmarks.p3_ti_bench import load_bench_pipeline, run_worker, timed_steps
 from benchmarks.p3_ti_bench import train_worker as ti_train_worker
 from custom_diffusion_io import set_processors, trainable_processors
 from p3_concepts import add_placeholder_tokens
+from p3_training import prepare_for_training
 from sd_v1 import SD_V1_CONFIG
 from toy_data import TINY_SD_DIR, build_tiny_sd
 from utils import get_device, run_cli, seed_everything
@@ -58,7 +58,7 @@ def cd_train_worker(job):
     resolution = job["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
     new_ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<bench>", 1, "dog")
     processors = trainable_processors(pipe.unet)
-    embedding, autocast, scaler = ti.prepare_for_training(pipe, device, job["mixed_precision"], job["checkpointing"])
+    embedding, autocast, scaler = prepare_for_training(pipe, device, job["mixed_precision"], job["checkpointing"])
     set_processors(pipe.unet, {name: p.to(device).requires_grad_(True) for name, p in processors.items()})
     original = embedding.weight.detach().clone()
     optimizer = torch.optim.AdamW([embedding.weight, *[p for q in processors.values() for p in q.parameters()]],

@@ -22,8 +22,8 @@ others still run):
   p3_generate   p3_concepts.sample_images after set_scheduler(pipe, "dpm"): 30 DPM-Solver++ steps, guidance 7.5,
                 fp16, 512 px, batches of 5: images/s; the images come out with the right shape, all finite.
   p3_zeroshot   p3_clip_zeroshot.classify over its DataLoader (the script's default batch size, workers, prompts
-                and autocast), 2,500 32-px PNGs (the course's count), ViT-B-32 and ViT-L-14 from open_clip: images/s,
-                beside the bare image encoder on the same decoded batches; every image classified, all finite.
+                and precision, fp32), 2,500 32-px PNGs (the course's count), ViT-B-32 and ViT-L-14 from open_clip:
+                images/s, beside the bare image encoder on the same decoded batches; every image classified, finite.
 P1's and P3's timings use random images and random weights (SD v1.4's and CLIP's architectures, built as
 sd_v1.random_pipeline and open_clip with pretrained=None): speed does not depend on either. Without CUDA, and
 without --smoke, it prints one skip line and exits 0. The exit status is 1 when any check fails.
@@ -73,7 +73,7 @@ from toy_data import (  # noqa: E402
     build_tiny_sd,
     wire_noise_path,
 )
-from utils import amp_dtype, atomic_write_text, load_checkpoint  # noqa: E402
+from utils import atomic_write_text, load_checkpoint  # noqa: E402
 
 DEFAULT_OUT = REPO / "outputs" / "gpu_check"
 
@@ -360,7 +360,7 @@ def p3_zeroshot_section(run):
     paths = (paths * math.ceil(scale.clip_images / len(paths)))[:scale.clip_images]  # the toy's 32-px PNGs, repeated
     classnames = [zeroshot.clean_class_name(name) for name in id2label.values()]
     templates = zeroshot.load_templates(defaults.prompts)
-    precision = str(amp_dtype(run.device) or torch.float32).removeprefix("torch.")
+    precision = zeroshot.precision_name(run.device, defaults.autocast)
     for name in scale.clip_models:
         free_memory(run.device)
         model, preprocess, tokenizer = clip_model(run, name)

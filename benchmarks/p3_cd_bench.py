@@ -289,7 +289,7 @@ def print_class_image_memory(count=CLASS_IMAGES, size=GPU_RESOLUTION, draws=20):
         eager_mb = resident_mb() - before
         assert len(eager) == len(lazy) == count
     print(f"\n### Custom Diffusion's class images in RAM: {count} per concept at {size} px (held at {side} px)\n")
-    print("| class images | per concept (MB) | 3 concepts (GB) |")
+    print("| class images | per concept (MiB) | 3 concepts (GiB) |")
     print("|---|---|---|")
     print(f"| all loaded, computed ({count} x 3 x {side} x {side} x 4 bytes) | {computed / 2**20:.0f} | "
           f"{CONCEPTS * computed / 2**30:.2f} |")

@@ -358,8 +358,9 @@ def run_train(args):
     model = args.model or default_model(concepts[0].folder)
     device = get_device(args.device)
     resolve_precision(args, device)
-    print(f"Training on {device}: {describe_precision(args)}, batch {args.batch_size} (+ as many class images) x "
-          f"{args.grad_accum} accumulation step(s).")
+    prior = " (+ as many class images)" if args.num_class_images or args.class_data_dir else ""
+    print(f"Training on {device}: {describe_precision(args)}, batch {args.batch_size}{prior} x {args.grad_accum} "
+          f"accumulation step(s).")
     for concept in concepts:
         print(f"Concept {concept.folder}: {concept.token} ({concept.prop}), initialised from {concept.init_text!r}; "
               f"class prompt {concept.class_prompt!r}.")

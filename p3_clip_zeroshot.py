@@ -3,9 +3,11 @@
     python p3_clip_zeroshot.py --data hw2_data/clip_zeroshot --model ViT-B-32 --pretrained openai \\
         --prompts single --out outputs/p3_clip_zeroshot
 
-Each class name becomes prompts ("a photo of a willow tree."); the text encoder turns them into one unit vector
-per class (the mean over templates, re-normalised: CLIP's prompt ensembling), stacked into a [D, C] classifier.
-Every image is encoded once; its class is the argmax of the cosine similarities, scaled by 100 as CLIP does.
+Each class name becomes prompts ("a photo of a willow tree."); open_clip's `build_zero_shot_classifier` turns them
+into one unit vector per class (the mean over templates, re-normalised: CLIP's prompt ensembling), stacked into a
+[D, C] classifier. Every image is encoded once; its class is the argmax of the cosine similarities, which the model's
+own learned logit scale (100 for CLIP's released weights) turns into softmax confidences. Everything runs in fp32
+unless --autocast is given: half precision is faster on a GPU but can flip near ties among the classes.
 
 Writes to --out: `predictions.csv` (image, label, prediction, score, top5), `cases.png` (successes and failures
 with truth, prediction and confidence) and `metrics.json` (accuracies, per-class accuracy, settings).
@@ -22,6 +24,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -31,6 +34,7 @@ from tqdm import tqdm
 from p3_clip_models import DEFAULT_MODEL, DEFAULT_PRETRAINED, activation, load_clip, resolve_model
 from utils import (
     Hw2Error,
+    amp_dtype,
     announce_toy_world,
     atomic_write_text,
     autocast,
@@ -41,7 +45,6 @@ from utils import (
     seed_everything,
 )
 
-LOGIT_SCALE = 100.0  # CLIP's learned temperature ends at its clamp, exp(4.6052) = 100; fixed here as in the paper
 TOP_K = 5
 IMAGE_NAME = re.compile(r"(\d+)_(\d+)\.png")  # val/{class_id}_{idx}.png
 SINGLE_TEMPLATES = ("a photo of a {}.",)
@@ -176,46 +179,43 @@ def make_loader(paths, preprocess, batch_size, workers, device):
                       collate_fn=collate_images, pin_memory=torch.device(device).type == "cuda")
 
 
-# ------------------------------------------------------------------------------------------ model
-
-
 # ----------------------------------------------------------------------------------- zero-shot math
 
 
-def text_classifier(text_features, num_classes):
-    """[C*T, D] prompt features (class-major) -> [D, C] zero-shot weights.
-
-    Per class: the mean of its T L2-normalised template features, normalised again (CLIP's prompt ensembling).
-    """
-    per_class = F.normalize(text_features.float(), dim=-1).reshape(num_classes, -1, text_features.shape[-1])
-    return F.normalize(per_class.mean(dim=1), dim=-1).T
+def logit_scale(model):
+    """CLIP's learned temperature exp(t): 100 for OpenAI's and LAION's weights (trained up to its clamp)."""
+    return model.logit_scale.detach().exp().item()
 
 
-def zero_shot_logits(image_features, classifier):
-    """LOGIT_SCALE * cosine similarity of each image to each class: [N, D] x [D, C] -> [N, C]."""
-    return LOGIT_SCALE * F.normalize(image_features.float(), dim=-1) @ classifier
+def precision_name(device, use_autocast):
+    """What the encoders compute in: float32, or autocast's half type where `use_autocast` applies on `device`."""
+    return str((amp_dtype(device) if use_autocast else None) or torch.float32).removeprefix("torch.")
 
 
-def build_classifier(model, tokenizer, classnames, templates, device, batch_size):
-    """Encode every (class, template) prompt once and reduce them to the [D, C] classifier."""
-    prompts = [template.format(name) for name in classnames for template in templates]  # class-major
-    features = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="text prompts", unit="batch"):
-        tokens = tokenizer(prompts[start:start + batch_size]).to(device)
-        with torch.inference_mode(), autocast(device):
-            features.append(model.encode_text(tokens).float())
-    return text_classifier(torch.cat(features), len(classnames))
+def zero_shot_logits(image_features, classifier, scale):
+    """`scale` x the cosine similarity of each image to each class: [N, D] x [D, C] -> [N, C]."""
+    return scale * F.normalize(image_features.float(), dim=-1) @ classifier
 
 
-def classify(model, batches, classifier, device, k):
+def build_classifier(model, tokenizer, classnames, templates, device, batch_size, use_autocast=False):
+    """The [D, C] classifier, by open_clip's own `build_zero_shot_classifier` (per class the mean of its templates'
+    unit text features, normalised again), about `batch_size` prompts per forward pass; fp32 unless `use_autocast`."""
+    with autocast(device, enabled=use_autocast):
+        classifier = open_clip.build_zero_shot_classifier(
+            model, tokenizer, classnames, templates, num_classes_per_batch=max(1, batch_size // len(templates)),
+            device=device, use_tqdm=True)
+    return classifier.float()
+
+
+def classify(model, batches, classifier, device, k, scale, use_autocast=False):
     """Top-k softmax probabilities and class indices ([N, k] each, on the CPU) of every image, in order."""
     top_probs, top_classes = [], []
     for pixels in tqdm(batches, desc="images", unit="batch"):
         if isinstance(pixels, str):
             raise Hw2Error(pixels)
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, enabled=use_autocast):
             features = model.encode_image(pixels.to(device, non_blocking=True))
-        probs, classes = zero_shot_logits(features, classifier).softmax(dim=-1).topk(k, dim=-1)
+        probs, classes = zero_shot_logits(features, classifier, scale).softmax(dim=-1).topk(k, dim=-1)
         top_probs.append(probs.cpu())
         top_classes.append(classes.cpu())
     return torch.cat(top_probs), torch.cat(top_classes)
@@ -335,16 +335,19 @@ def main(argv=None):
     name, pretrained, quick_gelu = resolve_model(args.model, args.pretrained, args.data, args.quick_gelu)
 
     model, preprocess, tokenizer = load_clip(name, pretrained, device, quick_gelu)
-    print(f"Model {name}, weights {pretrained or 'of its own'}, {activation(model)} activation, on {device}; "
-          f"{len(names)} classes x {len(templates)} template(s); {len(paths)} images.")
+    precision = precision_name(device, args.autocast)
+    scale = logit_scale(model)
+    print(f"Model {name}, weights {pretrained or 'of its own'}, {activation(model)} activation, on {device} in "
+          f"{precision}; logit scale {scale:.4g}; {len(names)} classes x {len(templates)} template(s); "
+          f"{len(paths)} images.")
     if toy:
         print(f"The toy CLIP has random weights, so its accuracy is chance level (1/{len(names)} = "
               f"{100 / len(names):.1f}% on average; a random model often predicts one or two classes for "
               f"everything).")
     classifier = build_classifier(model, tokenizer, [clean_class_name(n) for n in names], templates, device,
-                                  args.batch_size)
+                                  args.batch_size, args.autocast)
     loader = make_loader(paths, preprocess, args.batch_size, args.workers, device)
-    top_probs, top_classes = classify(model, loader, classifier, device, min(TOP_K, len(names)))
+    top_probs, top_classes = classify(model, loader, classifier, device, min(TOP_K, len(names)), scale, args.autocast)
 
     predictions, confidences = top_classes[:, 0], top_probs[:, 0]
     correct = predictions == labels
@@ -360,7 +363,8 @@ def main(argv=None):
     metrics = {
         "accuracy": int(correct.sum()) / len(correct), "correct": int(correct.sum()), "total": len(correct),
         "top5_accuracy": int(top5_correct.sum()) / len(correct),
-        "model": name, "pretrained": pretrained, "activation": activation(model), "prompts": args.prompts,
+        "model": name, "pretrained": pretrained, "activation": activation(model), "precision": precision,
+        "logit_scale": scale, "prompts": args.prompts,
         "templates": templates,
         "per_class_accuracy": {row[0]: row[1] / row[2] for row in rows},
         "cases": {"successes": [paths[i].name for i in successes], "failures": [paths[i].name for i in failures]},
@@ -395,6 +399,10 @@ def build_parser():
                              "main process (default: the number of CPU cores, at most 8).")
     parser.add_argument("--device", type=str, default=None,
                         help="Device to run on, e.g. cpu, cuda, cuda:1 or mps (default: the best available).")
+    parser.add_argument("--autocast", action="store_true",
+                        help="Encode under bf16 autocast (fp16 on GPUs without native bf16): faster on a GPU, but "
+                             "near ties among the classes can flip, so accuracy may move by a few images; no effect "
+                             "on a CPU (default: fp32 everywhere).")
     parser.add_argument("--out", type=str, default="outputs/p3_clip_zeroshot",
                         help="Folder for predictions.csv, cases.png and metrics.json "
                              "(default: outputs/p3_clip_zeroshot).")

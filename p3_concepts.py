@@ -1,13 +1,12 @@
-"""What every P3 personalization method shares: concepts, new tokens, the diffusion loss, the grader's layout.
+"""What every P3 personalization method shares: concepts, new tokens, the grader's layout.
 
 Textual inversion (p3_textual_inversion.py) and Custom Diffusion (p3_custom_diffusion.py) both
-- read the course's input.json and each concept's photos (`read_input_json`, `load_concept_images`),
+- read the course's input.json and each concept's photos (`read_input_json`, `load_concept_images`, `LazyImages`),
 - train on random crops of those photos with a prompt template around a new token (`sample_batch`),
-- add that token to CLIP's tokenizer, start its embedding at a known word and keep every other row frozen
-  (`add_placeholder_tokens`, `restore_frozen_rows`),
-- minimise the latent diffusion loss || eps - eps_theta(z_t, t, c) ||^2 (`denoising_loss`),
+- add that token to CLIP's tokenizer and start its embedding at a known word (`add_placeholder_tokens`),
 - and write the grader's layout OUT_DIR/{concept}/{prompt}/source{c}_prompt{p}_{i}.png, 25 images per prompt
   folder, each folder written atomically (`output_jobs`, `generate_folders`).
+What only training needs (precision, the diffusion loss, resume state) is in p3_training.py.
 """
 
 import json
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from safetensors.torch import save as safetensors_save
 from torchvision.transforms import v2
@@ -38,7 +36,9 @@ from utils import (
 INPUT_FIELDS = ("token_name", "src_image", "prompt", "prompt_4_clip_eval", "baseline")
 TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")  # placeholder tokens in prompts: "<new1>"
 UNSAFE_FILE_CHARACTERS = re.compile(r'[<>:"/\\|?*\s]')  # refused in file names on some systems
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# the course grader's list (load_images_from_folder in its CLIP scoring scripts): a .webp in a prompt folder is not
+# counted there, so it is not counted, scored or trained on here
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 GRADER_IMAGES = 25  # the grader refuses any other count per prompt folder
 # random square crops covering this fraction of the (pre-resized) photo's area: an object should stay mostly
 # in frame; a style is a texture, so smaller crops still show it
@@ -124,12 +124,33 @@ def concept_image_paths(folder):
     return paths
 
 
+def load_photo(path, resolution):
+    """One photo as a 3 x H x W tensor in [-1, 1], its short side resized to PRE_RESIZE x resolution."""
+    resize = v2.Compose([v2.PILToTensor(), v2.Resize(round(resolution * PRE_RESIZE), antialias=True),
+                         v2.ToDtype(torch.float32, scale=True)])
+    return resize(load_rgb(path)) * 2 - 1
+
+
 def load_concept_images(folder, resolution):
-    """The concept's photos as 3 x H x W tensors in [-1, 1], short side resized to PRE_RESIZE x resolution."""
-    paths = concept_image_paths(folder)
-    side = round(resolution * PRE_RESIZE)
-    resize = v2.Compose([v2.PILToTensor(), v2.Resize(side, antialias=True), v2.ToDtype(torch.float32, scale=True)])
-    return [resize(load_rgb(path)) * 2 - 1 for path in paths]
+    """The concept's photos (a handful), each loaded once as `load_photo` gives it."""
+    return [load_photo(path, resolution) for path in concept_image_paths(folder)]
+
+
+class LazyImages:
+    """A folder's images as `load_concept_images` gives them, each read from disk only when indexed.
+
+    For Custom Diffusion's class images: 200 per concept, kept in RAM as 640 px fp32 tensors, would take ~1 GB per
+    concept; read when drawn, a step costs a few PNG decodes next to a UNet forward and backward."""
+
+    def __init__(self, folder, resolution):
+        self.paths = concept_image_paths(folder)
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_photo(self.paths[index], self.resolution)
 
 
 def augment(image, resolution, prop):
@@ -191,17 +212,6 @@ def add_placeholder_tokens(tokenizer, text_encoder, token, num_vectors, init_tex
     return new_ids
 
 
-def restore_frozen_rows(weight, original, trainable_ids):
-    """Copy every row but `trainable_ids` back from `original`, so the rest of the vocabulary stays bit-identical.
-
-    AdamW's weight decay and the gradients of the template words would otherwise move them.
-    """
-    frozen = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-    frozen[trainable_ids] = False
-    with torch.no_grad():
-        weight[frozen] = original[frozen]
-
-
 def save_learned_embeds(path, token, rows):
     """diffusers' textual-inversion file: {token: [num_vectors, D] float32}, written atomically."""
     atomic_write_bytes(path, safetensors_save({token: rows.detach().float().cpu().contiguous()}))
@@ -217,83 +227,6 @@ def token_file_path(folder, token):
 def save_a1111_embedding(path, rows):
     """The embedding file AUTOMATIC1111 and ComfyUI load: {"emb_params": [num_vectors, D] float32}, atomically."""
     atomic_write_bytes(path, safetensors_save({"emb_params": rows.detach().float().cpu().contiguous()}))
-
-
-def slice_rows(state, ids, num_rows):
-    """Keep only rows `ids` of every [num_rows, ...] tensor in a nested optimizer state (the others are reset each
-    step anyway, and AdamW is elementwise): the saved state is a few KB instead of two copies of the vocabulary."""
-    if isinstance(state, torch.Tensor):
-        return state[ids] if state.dim() > 0 and state.shape[0] == num_rows else state
-    if isinstance(state, dict):
-        return {key: slice_rows(value, ids, num_rows) for key, value in state.items()}
-    if isinstance(state, list):
-        return [slice_rows(value, ids, num_rows) for value in state]
-    return state
-
-
-def expand_rows(state, ids, like):
-    """Inverse of `slice_rows`: put the kept rows back into zero tensors shaped like the parameter `like`."""
-    if isinstance(state, torch.Tensor):
-        if state.dim() == like.dim() and state.shape[1:] == like.shape[1:] and state.shape[0] == len(ids):
-            full = torch.zeros_like(like, dtype=state.dtype)
-            full[ids] = state.to(like.device)
-            return full
-        return state
-    if isinstance(state, dict):
-        return {key: expand_rows(value, ids, like) for key, value in state.items()}
-    if isinstance(state, list):
-        return [expand_rows(value, ids, like) for value in state]
-    return state
-
-
-def rng_state(device):
-    """torch's RNG state (CPU, and the CUDA device's), saved with a resume state."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ------------------------------------------------------------------------------------------------------ loss
-
-
-def encode_latents(vae, pixels):
-    """z_0 ~ the VAE posterior of images in [-1, 1], times the VAE's scaling factor (0.18215 for SD v1)."""
-    with torch.no_grad():
-        return vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
-
-
-def diffusion_target(noise_scheduler, z_0, eps, t):
-    """What the UNet predicts under the model's own parameterisation: eps, v = sqrt(a) eps - sqrt(1-a) z_0, or z_0."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return eps
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(z_0, eps, t)
-    if kind == "sample":
-        return z_0
-    raise Hw2Error(f"the model's scheduler has prediction_type {kind!r}; P3 training handles "
-                   f"epsilon, v_prediction and sample")
-
-
-def denoising_loss(unet, text_encoder, noise_scheduler, z_0, input_ids, eps, t, per_sample=False):
-    """The latent diffusion objective (textual inversion's eq. 2): MSE between the UNet's prediction at z_t and
-    its target. z_0: B x 4 x h x w VAE latents (already x scaling_factor); eps: noise like z_0; t: B timesteps.
-    `per_sample`: the B per-sample means instead of their mean (for losses that weigh parts of a batch apart).
-    """
-    z_t = noise_scheduler.add_noise(z_0, eps, t)  # q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)
-    c = text_encoder(input_ids)[0]  # B x 77 x D, the conditioning c_theta(y)
-    prediction = unet(z_t.to(unet.dtype), t, c.to(unet.dtype)).sample
-    target = diffusion_target(noise_scheduler, z_0, eps, t)
-    if per_sample:
-        return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
-    return F.mse_loss(prediction.float(), target.float())
 
 
 # ------------------------------------------------------------------------------------------------ generation

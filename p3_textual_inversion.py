@@ -35,25 +35,33 @@ from p3_concepts import (
     add_placeholder_tokens,
     concept_image_paths,
     concept_property,
-    denoising_loss,
-    encode_latents,
     expand_placeholder,
-    expand_rows,
     generate_command,
     load_concept_images,
     load_embeds,
     read_input_json,
-    restore_frozen_rows,
-    rng_state,
     sample_batch,
-    sample_images,
     save_a1111_embedding,
     save_learned_embeds,
-    set_rng_state,
-    slice_rows,
     token_file_path,
 )
 from p3_score import add_score_command, run_score
+from p3_training import (
+    VALIDATION_IMAGES,
+    add_precision_arguments,
+    denoising_loss,
+    describe_precision,
+    encode_latents,
+    expand_rows,
+    prepare_for_training,
+    resolve_precision,
+    restore_frozen_rows,
+    rng_state,
+    set_rng_state,
+    slice_rows,
+    validation_images,
+    validation_prompt,
+)
 from sd_v1 import DEFAULT_MODEL, default_model, load_sd_pipeline
 from utils import (
     Hw2Error,
@@ -70,10 +78,7 @@ DEFAULT_EMBEDS_DIR = Path(__file__).resolve().parent / "checkpoints" / "p3_ti"  
 EMBEDS_FILE = "learned_embeds.safetensors"  # diffusers' name and format: {token: [num_vectors, D] tensor}
 STATE_FILE = "train_state.safetensors"  # everything needed to resume training
 ADAM_WEIGHT_DECAY = 1e-2  # diffusers' textual-inversion default
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VALIDATION_PROMPT = {"object": "a photo of a {}", "style": "a painting in the style of {}"}
-VALIDATION_IMAGES = 4
-VALIDATION_STEPS = 25
+EFFECTIVE_BATCH = 4  # images per optimizer step by default: diffusers' example, 1 x 4 accumulation steps on a GPU
 
 # ---------------------------------------------------------------------------------------------- training
 
@@ -84,38 +89,6 @@ def run_config(args, token, init_text, prop, model):
             "num_vectors": args.num_vectors, "lr": args.lr, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "resolution": args.resolution, "seed": args.seed,
             "mixed_precision": args.mixed_precision}
-
-
-def validation_images(pipe, prompt, resolution, autocast, seed):
-    """A few images of the concept with the weights as they are now (fixed seeds: comparable across steps)."""
-    with autocast:
-        return sample_images(pipe, prompt, [seed + i for i in range(VALIDATION_IMAGES)], VALIDATION_STEPS, 7.5,
-                             resolution)
-
-
-def prepare_for_training(pipe, device, mixed_precision, gradient_checkpointing):
-    """Freeze VAE, UNet and text encoder and move them to `device`; only the input embedding table learns.
-
-    The VAE and UNet (88% of SD v1's weights) run in the mixed-precision dtype. The text encoder stays fp32, as in
-    diffusers' example: it holds the trainable table (small updates would vanish in fp16), and CPU autocast would
-    feed its fp32 activations to half-precision LayerNorm weights.
-
-    Returns (the embedding module, the autocast context, the GradScaler)."""
-    weight_dtype = DTYPES[mixed_precision]
-    for module in (pipe.vae, pipe.unet, pipe.text_encoder):
-        module.requires_grad_(False)
-    pipe.vae.to(device, weight_dtype).eval()
-    pipe.unet.to(device, weight_dtype).train()  # train(): gradient checkpointing is active only in training mode
-    pipe.text_encoder.to(device, torch.float32).train()
-    embedding = pipe.text_encoder.get_input_embeddings()
-    embedding.weight.requires_grad_(True)
-    if gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        pipe.text_encoder.activation_checkpointing_enable()
-    autocast = torch.autocast(torch.device(device).type, dtype=weight_dtype, enabled=mixed_precision != "no")
-    # loss scaling only for fp16 (bf16 has fp32's range); utils.make_grad_scaler picks its own dtype, so not used
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=mixed_precision == "fp16")
-    return embedding, autocast, scaler
 
 
 def train_step(pipe, noise_scheduler, next_batch, grad_accum, optimizer, scaler, autocast, original, new_ids):
@@ -194,8 +167,7 @@ def train_concept(args, pipe, concept_dir, token, init_text, prop, out_dir, mode
     for step in progress:
         if args.validate_every and step % args.validate_every == 0:
             # the plain token: the pipeline itself writes a multi-vector token as all its vectors' tokens
-            validation = validation_images(pipe, VALIDATION_PROMPT[prop].format(token), resolution, autocast,
-                                           args.seed)
+            validation = validation_images(pipe, validation_prompt(token, prop), resolution, autocast, args.seed)
             save_grid(validation * 2 - 1, out_dir / "validation" / f"step{step:06d}.png", nrow=VALIDATION_IMAGES)
         loss = train_step(pipe, noise_scheduler, next_batch, args.grad_accum, optimizer, scaler, autocast, original,
                           new_ids)
@@ -205,6 +177,17 @@ def train_concept(args, pipe, concept_dir, token, init_text, prop, out_dir, mode
     print(f"Wrote {out_dir / EMBEDS_FILE} ({token}, {args.num_vectors} vector(s), {args.steps} steps).")
 
 
+def resolve_memory_defaults(args, device):
+    """Fill in the flags left unset for `device`. With CUDA: fp16, gradient checkpointing, batch 1 x 4 accumulation
+    steps (diffusers' example; SD v1.4 at 512 px then fits a 12-16 GB card). Elsewhere: fp32, batch 4 x 1. Either
+    way an optimizer step sees EFFECTIVE_BATCH images unless --batch-size or --grad-accum say otherwise."""
+    resolve_precision(args, device)
+    if args.batch_size is None:
+        args.batch_size = 1 if device.type == "cuda" else EFFECTIVE_BATCH
+    if args.grad_accum is None:
+        args.grad_accum = max(1, EFFECTIVE_BATCH // args.batch_size)
+
+
 def run_train(args):
     if args.input_json is None and args.concept_dir is None:
         raise Hw2Error("train needs a CONCEPT_DIR (with --token and --init-token) or --input-json FILE")
@@ -212,14 +195,15 @@ def run_train(args):
         raise Hw2Error("train takes either a CONCEPT_DIR or --input-json, not both")
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum),
                         ("--num-vectors", args.num_vectors), ("--save-every", args.save_every)):
-        if value < 1:
+        if value is not None and value < 1:
             raise Hw2Error(f"{flag} must be at least 1, got {value}")
     anchor = Path(args.input_json or args.concept_dir)
     announce_toy_world(anchor)
     model = args.model or default_model(anchor)
     device = get_device(args.device)
-    if args.mixed_precision == "fp16" and device.type == "cpu":
-        print("note: fp16 autocast on CPU is slow and partial; bf16 is the CPU choice.")
+    resolve_memory_defaults(args, device)
+    print(f"Training on {device}: {describe_precision(args)}, batch {args.batch_size} x {args.grad_accum} "
+          f"accumulation step(s) = {args.batch_size * args.grad_accum} images per optimizer step.")
     if args.input_json is None:
         if args.token is None or args.init_token is None:
             raise Hw2Error("training one CONCEPT_DIR needs --token (e.g. \"<new1>\") and --init-token (e.g. dog)")
@@ -296,15 +280,14 @@ def build_parser():
     train.add_argument("--num-vectors", type=int, default=1, help="Embedding vectors per new word.")
     train.add_argument("--steps", type=int, default=3000, help="Optimizer steps per concept.")
     train.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (constant).")
-    train.add_argument("--batch-size", type=int, default=4, help="Images per forward pass.")
-    train.add_argument("--grad-accum", type=int, default=1, help="Forward passes accumulated per optimizer step.")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help=f"Images per forward pass (default: 1 with CUDA, {EFFECTIVE_BATCH} elsewhere).")
+    train.add_argument("--grad-accum", type=int, default=None,
+                       help=f"Forward passes accumulated per optimizer step (default: enough for {EFFECTIVE_BATCH} "
+                            f"images per step, {EFFECTIVE_BATCH} // --batch-size, at least 1).")
     train.add_argument("--resolution", type=int, default=None,
                        help="Training image size in pixels (default: the model's own, 512 for SD v1.4).")
-    train.add_argument("--mixed-precision", choices=list(DTYPES), default="no",
-                       help="Run the frozen VAE and UNet in fp16 or bf16 under autocast; the text encoder, which "
-                            "holds the trained embedding table, keeps fp32 weights (no: all fp32).")
-    train.add_argument("--gradient-checkpointing", action="store_true",
-                       help="Recompute UNet and text-encoder activations in backward to save memory.")
+    add_precision_arguments(train)
     train.add_argument("--validate-every", type=int, default=0,
                        help="Save a grid of sample images every N steps under OUT/validation (0: never).")
     train.add_argument("--save-every", type=int, default=500,

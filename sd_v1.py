@@ -12,12 +12,14 @@ also accepts numpy scalars and PyTorch Lightning's callback records (inert stand
 Its architecture is checked against the configs, diffusers' own converter (`from_single_file`) turns it into a
 pipeline, and that pipeline is written once, atomically, as a diffusers folder of `.safetensors` files: the cache
 `<file>.hw2-diffusers/` beside the file when that folder is writable, else under ~/.cache/hw2/sd_v1 (or
-$XDG_CACHE_HOME/hw2/sd_v1). Its files and folders get the umask's usual modes (0644 / 0755 under 022), so that
-another account, the grader's, loads it too. Later runs, of any account, load the cache with `from_pretrained` (no
-unpickling, no conversion) while the file's path, size and modification time are those recorded in it.
+$XDG_CACHE_HOME/hw2/sd_v1), every file fsynced before the folder is renamed into place. Its files and folders get
+the umask's usual modes (0644 / 0755 under 022), so that another account, the grader's, loads it too. Later runs,
+of any account, load the cache with `from_pretrained` (no unpickling, no conversion) while its stamp holds: the
+file's path, size and modification time, the hash of the shipped configs and the diffusers version it was
+converted with, and the size and hash of every file the cache holds. A cache that is out of date is converted
+again; one that is damaged (a truncated or edited file) or fails to load is converted again after one warning line.
 """
 
-import contextlib
 import gzip
 import hashlib
 import json
@@ -44,7 +46,11 @@ TOY_SD = Path("toy_models") / "tiny-sd"  # inside a toy hw2_data (see toy_data.b
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 CLIP_CONTEXT_LENGTH = 77
 CACHE_SUFFIX = ".hw2-diffusers"  # the cache folder of a single file: model.ckpt -> model.ckpt.hw2-diffusers/
-STAMP_FILE = "hw2_source.json"  # in the cache: the size and mtime of the file it was converted from
+STAMP_FILE = "hw2_source.json"  # in the cache: what it was converted from and with, and what it holds
+HASHED_FILE_SIZE = 16 * 2**20  # cache files up to this size (configs, tokenizer) are hashed; larger ones sized
+# what a damaged cache raises in from_pretrained: a missing or truncated file (OSError), weights that do not fit the
+# config (RuntimeError), an unreadable config or header (ValueError, KeyError, SafetensorError)
+CACHE_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError)
 # the original file's top-level prefixes: LatentDiffusion.model.diffusion_model, .first_stage_model (the VAE),
 # .cond_stage_model.transformer (a transformers CLIPTextModel inside FrozenCLIPEmbedder)
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
@@ -270,25 +276,77 @@ def cache_dir(source):
     return user_cache_dir(source)
 
 
-def find_valid_cache(source):
-    """A valid diffusers copy of `source`, or None. The one beside it comes first even where this account cannot
-    write there: another account (the student's, for the grader) may have converted the file already."""
-    for cache in (source.with_name(source.name + CACHE_SUFFIX), user_cache_dir(source)):
-        if cache_is_valid(cache, source):
-            return cache
-    return None
+def cache_candidates(source):
+    """Where a diffusers copy of `source` may already be, in the order they are tried: beside it first, even where
+    this account cannot write there (another account, the student's for the grader, may have converted the file),
+    then this account's own cache."""
+    return [source.with_name(source.name + CACHE_SUFFIX), user_cache_dir(source)]
 
 
-def source_stamp(source):
-    """What must not change for a cache of `source` to stay valid: its path, size and modification time."""
+def tree_digest(folder):
+    """sha256 of every file under `folder`, with its relative path, in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def source_stamp(source, config):
+    """What must not change for a cache of `source` to stay valid: the file's path, size and modification time, the
+    configs it was converted with (their hash) and the diffusers version that converted it."""
     stat = source.stat()
-    return {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "config_sha256": tree_digest(config), "diffusers": diffusers.__version__}
 
 
-def cache_is_valid(cache, source):
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((cache / STAMP_FILE).read_text()) == source_stamp(source)
-    return False
+def cache_contents(cache):
+    """{relative path: [size, sha256 or None]} of every file in the cache but the stamp; only files up to
+    HASHED_FILE_SIZE (configs, tokenizer) are hashed, the weights are sized (truncation), not read."""
+    contents = {}
+    for path in sorted(p for p in Path(cache).rglob("*") if p.is_file() and p.name != STAMP_FILE):
+        size = path.stat().st_size
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if size <= HASHED_FILE_SIZE else None
+        contents[path.relative_to(cache).as_posix()] = [size, digest]
+    return contents
+
+
+def cache_status(cache, source, config):
+    """('valid' | 'missing' | 'stale' | 'damaged', detail) of the cache of `source` converted with `config`:
+    stale when the file, the configs or diffusers changed since; damaged when its files differ from the stamp's."""
+    try:
+        stamp = json.loads((cache / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return ("damaged", f"its {STAMP_FILE} cannot be read") if cache.exists() else ("missing", "")
+    expected = source_stamp(source, config)
+    changed = [key for key, value in expected.items() if not isinstance(stamp, dict) or stamp.get(key) != value]
+    if changed:
+        return "stale", ", ".join(changed)
+    contents = cache_contents(cache)
+    written = stamp.get("files", {})
+    differ = sorted(set(contents) ^ set(written) | {name for name in contents if contents[name] != written.get(name)})
+    if differ:
+        return "damaged", f"{differ[0]} differs from what was written" + (f" (and {len(differ) - 1} more)"
+                                                                           if len(differ) > 1 else "")
+    return "valid", ""
+
+
+def cache_is_valid(cache, source, config=SD_V1_CONFIG):
+    return cache_status(cache, source, config)[0] == "valid"
+
+
+def fsync_path(path):
+    """fsync a file's data, or a folder's entries (a rename or a new file in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder):
+    """fsync every file and folder under `folder`, deepest first, then `folder` itself."""
+    for path in sorted(Path(folder).rglob("*"), key=lambda p: len(p.parts), reverse=True) + [Path(folder)]:
+        fsync_path(path)
 
 
 def convert_single_file(path, config):
@@ -306,7 +364,10 @@ def convert_single_file(path, config):
     try:
         with atomic_dir(cache) as tmp:
             pipe.save_pretrained(tmp)
-            (tmp / STAMP_FILE).write_text(json.dumps(source_stamp(path)) + "\n")
+            stamp = {**source_stamp(path, config), "files": cache_contents(tmp)}
+            (tmp / STAMP_FILE).write_text(json.dumps(stamp) + "\n")
+            fsync_tree(tmp)  # before the rename: a power cut must not leave a complete-looking cache of empty files
+        fsync_path(cache.parent)  # the rename itself
     except OSError as err:
         # the pipeline is already in memory: a full disk or a read-only cache folder only costs the next run time
         print(f"warning: could not write the cache {cache} of {path} ({err.strerror or err}; it needs as much free "
@@ -338,6 +399,28 @@ def random_pipeline(config=SD_V1_CONFIG, seed=0):
     return pipe
 
 
+def load_single_file(path, config, kwargs):
+    """The pipeline of an original-layout file: from the first valid cache that loads (cache_candidates), else
+    converted (again).
+
+    A damaged cache, or one that fails to load, costs one warning line and a conversion, never the run."""
+    for cache in cache_candidates(path):
+        status, detail = cache_status(cache, path, config)
+        if status == "valid":
+            try:
+                return StableDiffusionPipeline.from_pretrained(cache, **kwargs)
+            except CACHE_LOAD_ERRORS as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                status, detail = "damaged", f"it fails to load: {reason}"
+        if status == "damaged":
+            # a damaged cache this account cannot replace is passed over, so it is not converted on every run
+            action = f"converting {path.name} again" if cache == cache_dir(path) else "not using it"
+            print(f"warning: the cache {cache} of {path.name} is damaged ({detail}); {action}")
+            if cache == cache_dir(path):
+                break
+    return convert_single_file(path, config).to(dtype=kwargs["dtype"])
+
+
 def load_sd_pipeline(model, dtype=torch.float32, config=SD_V1_CONFIG):
     """A StableDiffusionPipeline from a hub id, a diffusers folder, or a single original-layout file.
 
@@ -349,11 +432,7 @@ def load_sd_pipeline(model, dtype=torch.float32, config=SD_V1_CONFIG):
         if path.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
         elif path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
-            cache = find_valid_cache(path)
-            if cache is not None:
-                pipe = StableDiffusionPipeline.from_pretrained(cache, **kwargs)
-            else:
-                pipe = convert_single_file(path, config).to(dtype=dtype)
+            pipe = load_single_file(path, config, kwargs)
         elif path.exists() or path.suffix in (*SINGLE_FILE_SUFFIXES, ".pt") or str(model).startswith((".", "/", "~")):
             raise Hw2Error(f"model {model} does not exist or is not a diffusers folder / .ckpt / .safetensors "
                            f"file; pass the SD v1.4 checkpoint path or a hub id such as {DEFAULT_MODEL}")

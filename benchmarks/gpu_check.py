@@ -15,15 +15,16 @@ others still run):
   p2_precision  The course-size face UNet (base 128, random weights plus toy_data.wire_noise_path's eps ~ x_t
                 path, so that DDIM is not chaotic), 10 noises at 256 px, 50 DDIM steps: time and MSE (0-255
                 scale) of fp32 without TF32, fp16 and bf16, with fp32 as the reference.
-  p3_ti_step    SD v1.4's architecture, 512 px, fp16 (frozen UNet and VAE in fp16, autocast, GradScaler), with and
-                without gradient checkpointing: step time (median of 10 steps after a warm-up), peak GPU memory and
-                last loss of p3_textual_inversion.train_step at batch 4, and of p3_custom_diffusion.train_step at
-                2 + 2 class images (its default: 4 images through the UNet).
+  p3_ti_step    SD v1.4's architecture, 512 px: optimizer step time (median of 10 after a warm-up), peak GPU
+                memory and last loss of p3_textual_inversion.train_step in fp32 at batch 4 (its former default), in
+                fp16 (frozen UNet and VAE in fp16, autocast, GradScaler) at batch 4 with and without gradient
+                checkpointing, and at its CUDA default (fp16 + checkpointing, batch 1 x 4 accumulation steps); and
+                of p3_custom_diffusion.train_step at 2 + 2 class images in fp16 with and without checkpointing.
   p3_generate   p3_concepts.sample_images after set_scheduler(pipe, "dpm"): 30 DPM-Solver++ steps, guidance 7.5,
                 fp16, 512 px, batches of 5: images/s; the images come out with the right shape, all finite.
   p3_zeroshot   p3_clip_zeroshot.classify over its DataLoader (the script's default batch size, workers, prompts
-                and autocast), 2,500 32-px PNGs (the course's count), ViT-B-32 and ViT-L-14 from open_clip: images/s,
-                beside the bare image encoder on the same decoded batches; every image classified, all finite.
+                and precision, fp32), 2,500 32-px PNGs (the course's count), ViT-B-32 and ViT-L-14 from open_clip:
+                images/s, beside the bare image encoder on the same decoded batches; every image classified, finite.
 P1's and P3's timings use random images and random weights (SD v1.4's and CLIP's architectures, built as
 sd_v1.random_pipeline and open_clip with pretrained=None): speed does not depend on either. Without CUDA, and
 without --smoke, it prints one skip line and exits 0. The exit status is 1 when any check fails.
@@ -73,7 +74,7 @@ from toy_data import (  # noqa: E402
     build_tiny_sd,
     wire_noise_path,
 )
-from utils import amp_dtype, atomic_write_text, load_checkpoint  # noqa: E402
+from utils import atomic_write_text, load_checkpoint  # noqa: E402
 
 DEFAULT_OUT = REPO / "outputs" / "gpu_check"
 
@@ -297,29 +298,43 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
+def p3_training_configurations(scale):
+    """(name, worker, job) of p3_ti_step: textual inversion's former default (fp32, batch 4), fp16 at batch 4 with and
+    without checkpointing, its default on CUDA (fp16 + checkpointing, batch 1 x 4 accumulation steps: the same 4
+    images per optimizer step), and Custom Diffusion's default batch in fp16 with and without checkpointing."""
+    b, half = scale.ti_batch, scale.ti_batch // 2
+    fp16 = {"mixed_precision": "fp16"}
+    return [(f"TI, fp32, batch {b} (the former default)", ti_train_worker,
+             {"mixed_precision": "no", "checkpointing": False, "batch_size": b}),
+            (f"TI, fp16, batch {b}", ti_train_worker, {**fp16, "checkpointing": False, "batch_size": b}),
+            (f"TI, fp16 + checkpointing, batch {b}", ti_train_worker, {**fp16, "checkpointing": True, "batch_size": b}),
+            (f"TI, fp16 + checkpointing, batch 1 x {b} accumulation (the default on CUDA)", ti_train_worker,
+             {**fp16, "checkpointing": True, "batch_size": 1, "grad_accum": b}),
+            (f"CD, fp16, {half} + {half} class images", cd_train_worker,
+             {**fp16, "checkpointing": False, "batch_size": half, "prior": True}),
+            (f"CD, fp16 + checkpointing, {half} + {half} class images (the default on CUDA)", cd_train_worker,
+             {**fp16, "checkpointing": True, "batch_size": half, "prior": True})]
+
+
 def p3_ti_step_section(run):
-    """Training steps of textual inversion and Custom Diffusion (their own train_step, through the benchmarks'
-    workers) in fp16, with and without gradient checkpointing: step time, peak memory, finite loss."""
+    """Optimizer steps of textual inversion and Custom Diffusion (their own train_step, through the benchmarks'
+    workers) in each configuration of `p3_training_configurations`: step time, peak memory, finite loss."""
     scale, rows = run.scale, []
-    half = scale.ti_batch // 2
     base = {"device": str(run.device), "model": sd_model(run), "resolution": scale.sd_resolution,
-            "mixed_precision": "fp16", "steps": scale.ti_steps}
+            "steps": scale.ti_steps}
     memory = "torch.cuda.max_memory_allocated" if run.device.type == "cuda" else "the process's resident set (CPU)"
-    for method, worker, job in [(f"TI, batch {scale.ti_batch}", ti_train_worker, {"batch_size": scale.ti_batch}),
-                                (f"CD, {half} + {half} class images", cd_train_worker,
-                                 {"batch_size": half, "prior": True})]:
-        plain_seconds = None
-        for checkpointing in (False, True):
-            free_memory(run.device)
-            result = worker({**base, **job, "checkpointing": checkpointing})
-            name = f"{method}, fp16{' + checkpointing' if checkpointing else ''}, {result['resolution']} px"
-            plain_seconds = plain_seconds or result["step_s"]
-            ratio = f"; {result['step_s'] / plain_seconds:.2f}x the step without it" if checkpointing else ""
-            rows += [row(f"{name}: step time", round(result["step_s"], 3), "s",
-                         note=f"median of {scale.ti_steps} after a warm-up{ratio}"),
-                     row(f"{name}: peak memory", round(result["peak_mb"] / 1024, 2), "GiB", result["peak_mb"] > 0,
-                         memory),
-                     row(f"{name}: last loss", round(result["loss"], 4), "", math.isfinite(result["loss"]))]
+    first = {}  # method -> (name, step time) of its first configuration
+    for name, worker, job in p3_training_configurations(scale):
+        free_memory(run.device)
+        result = worker({**base, **job})
+        method = name.split(",")[0]
+        base_name, base_seconds = first.setdefault(method, (name, result["step_s"]))
+        ratio = "" if base_name == name else f"; {result['step_s'] / base_seconds:.2f}x the step of {base_name}"
+        name = f"{name}, {result['resolution']} px"
+        rows += [row(f"{name}: optimizer step time", round(result["step_s"], 3), "s",
+                     note=f"median of {scale.ti_steps} after a warm-up{ratio}"),
+                 row(f"{name}: peak memory", round(result["peak_mb"] / 1024, 2), "GiB", result["peak_mb"] > 0, memory),
+                 row(f"{name}: last loss", round(result["loss"], 4), "", math.isfinite(result["loss"]))]
     return rows
 
 
@@ -360,7 +375,7 @@ def p3_zeroshot_section(run):
     paths = (paths * math.ceil(scale.clip_images / len(paths)))[:scale.clip_images]  # the toy's 32-px PNGs, repeated
     classnames = [zeroshot.clean_class_name(name) for name in id2label.values()]
     templates = zeroshot.load_templates(defaults.prompts)
-    precision = str(amp_dtype(run.device) or torch.float32).removeprefix("torch.")
+    precision = zeroshot.precision_name(run.device, defaults.autocast)
     for name in scale.clip_models:
         free_memory(run.device)
         model, preprocess, tokenizer = clip_model(run, name)

@@ -17,32 +17,57 @@ measured side by side in one run, and an estimate for a GPU.
    device. The N x N self-attention probabilities are listed apart: a fused attention kernel (flash or memory-
    efficient SDPA, the GPU default) does not keep them. The same counter is printed for the CPU configuration, next
    to what part 2 measured there, as a check of the estimator.
+4. The same ESTIMATE for the training defaults, former and current: textual inversion in fp32 at batch 4 (its former
+   default) against fp16 with gradient checkpointing at batch 1 x 4 accumulation steps (its default on CUDA), and
+   Custom Diffusion in fp32 against fp16 with checkpointing at 2 + 2 class images. Checkpointing is counted by
+   handing diffusers a checkpointing function that counts (`CheckpointedBlocks`): a block keeps its inputs, and
+   backward recomputes one block at a time.
+5. Custom Diffusion's class images in RAM: 200 per concept held as the 640 px fp32 tensors training crops from
+   (computed), and measured as the process's resident set after loading them all (`load_concept_images`) against
+   `p3_concepts.LazyImages`, which reads an image when a batch draws it (also timed per image).
+
+    python -m benchmarks.p3_cd_bench --parts defaults class-images     # parts 4 and 5 only (about 2 minutes)
 """
 
 import argparse
+import ctypes
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import p3_custom_diffusion as cd
-import p3_textual_inversion as ti
-from benchmarks.p3_ti_bench import load_bench_pipeline, run_worker, timed_steps
+from benchmarks.p3_ti_bench import load_bench_pipeline, resident_mb, run_worker, timed_steps
 from benchmarks.p3_ti_bench import train_worker as ti_train_worker
 from custom_diffusion_io import set_processors, trainable_processors
-from p3_concepts import add_placeholder_tokens
+from p3_concepts import PRE_RESIZE, LazyImages, add_placeholder_tokens, load_concept_images
+from p3_training import prepare_for_training
 from sd_v1 import SD_V1_CONFIG
 from toy_data import TINY_SD_DIR, build_tiny_sd
 from utils import get_device, run_cli, seed_everything
 
 MODULE = "benchmarks.p3_cd_bench"
 GPU_RESOLUTION = 512
-GPU_BATCH = {"TI": (4, 0), "CD": (2, 2)}  # (concept images, class images) per step: the scripts' defaults
+GPU_BATCH = {"TI": (4, 0), "CD": (2, 2)}  # (concept images, class images) per forward pass, in fp16 (part 3)
+# part 4: (name, method, concept images, class images, accumulation steps, weight dtype, gradient checkpointing)
+DEFAULTS = [("TI, fp32, batch 4 (former default)", "TI", 4, 0, 1, torch.float32, False),
+            ("TI, fp16, batch 4", "TI", 4, 0, 1, torch.float16, False),
+            ("TI, fp16 + checkpointing, batch 4", "TI", 4, 0, 1, torch.float16, True),
+            ("TI, fp16 + checkpointing, batch 1 x 4 accumulation (default on CUDA)", "TI", 1, 0, 4, torch.float16,
+             True),
+            ("CD, fp32, 2 + 2 class images (former default)", "CD", 2, 2, 1, torch.float32, False),
+            ("CD, fp16 + checkpointing, 2 + 2 class images (default on CUDA)", "CD", 2, 2, 1, torch.float16, True)]
+CLASS_IMAGES = 200  # per concept: cd.train's --num-class-images default
+CONCEPTS = 3  # the course's two input.json concepts and the cat photos, trained jointly
+PARTS = ("steps", "estimate", "defaults", "class-images")
 # an A100's dense fp16/bf16 tensor-core peak, and the fractions of it assumed sustained (an assumption, not measured)
 GPU_PEAK_TFLOPS = 312
 GPU_UTILISATION = (0.2, 0.5)
@@ -58,7 +83,7 @@ def cd_train_worker(job):
     resolution = job["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
     new_ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<bench>", 1, "dog")
     processors = trainable_processors(pipe.unet)
-    embedding, autocast, scaler = ti.prepare_for_training(pipe, device, job["mixed_precision"], job["checkpointing"])
+    embedding, autocast, scaler = prepare_for_training(pipe, device, job["mixed_precision"], job["checkpointing"])
     set_processors(pipe.unet, {name: p.to(device).requires_grad_(True) for name, p in processors.items()})
     original = embedding.weight.detach().clone()
     optimizer = torch.optim.AdamW([embedding.weight, *[p for q in processors.values() for p in q.parameters()]],
@@ -115,8 +140,36 @@ class SavedForBackward:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
 
 
-def step_counts(method, resolution, images, class_images, weight_dtype):
-    """FLOPs and memory of one training step of `method` (TI or CD) on the meta device; sizes in bytes."""
+class CheckpointedBlocks:
+    """diffusers' `gradient_checkpointing_func`, counting instead of checkpointing. diffusers checkpoints every
+    resnet and transformer block of the UNet: through the step a block keeps only its inputs (counted in `saved`);
+    backward recomputes one block at a time, which adds that block's own saved tensors (the largest block sets the
+    peak) and runs its forward FLOPs once more."""
+
+    def __init__(self, saved, flops):
+        self.saved, self.flops = saved, flops
+        self.largest = self.largest_attention = 0  # the block whose recompute peaks highest with a fused kernel
+        self.recompute_flops = 0
+
+    def __call__(self, module, *args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                self.saved.pack(arg)  # torch.utils.checkpoint keeps its inputs
+        inner = SavedForBackward([], self.saved.heads)
+        inner.parameters = self.saved.parameters
+        before = self.flops.get_total_flops()
+        with inner.hooks():  # the innermost hooks apply: the block's tensors are counted apart
+            output = module(*args)
+        self.recompute_flops += self.flops.get_total_flops() - before
+        if inner.total - inner.attention > self.largest - self.largest_attention:
+            self.largest, self.largest_attention = inner.total, inner.attention
+        return output
+
+
+def step_counts(method, resolution, images, class_images, weight_dtype, checkpointing=False):
+    """FLOPs and memory of one training step of `method` (TI or CD) on the meta device; sizes in bytes. With
+    `checkpointing` (the UNet's; the text encoder's 77-token activations are small), "saved" is what the step keeps
+    and "recompute" / "recompute_attention" the largest block's tensors during its recomputation in backward."""
     unet, vae, text_encoder = meta_models()
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
@@ -132,7 +185,11 @@ def step_counts(method, resolution, images, class_images, weight_dtype):
     pixels = torch.zeros(batch, 3, resolution, resolution, device="meta", dtype=weight_dtype)
     input_ids = torch.zeros(batch, CONTEXT_LENGTH, device="meta", dtype=torch.long)
     saved = SavedForBackward([*frozen, *trained], unet.config.attention_head_dim)
-    with FlopCounterMode(display=False) as flops:
+    flops = FlopCounterMode(display=False)
+    blocks = CheckpointedBlocks(saved, flops)
+    if checkpointing:
+        unet.train().enable_gradient_checkpointing(blocks)
+    with flops:
         with torch.no_grad():
             z_0 = vae.encode(pixels).latent_dist.mean  # the sample adds noise of the same shape: no FLOPs to speak of
         with saved.hooks():
@@ -140,10 +197,19 @@ def step_counts(method, resolution, images, class_images, weight_dtype):
             prediction = unet(z_0, torch.zeros(batch, device="meta", dtype=torch.long), c.to(weight_dtype)).sample
         prediction.float().pow(2).mean().backward()
     nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
-    return {"tflops": flops.get_total_flops() / 1e12, "weights": nbytes(frozen) + nbytes(trained),
+    return {"tflops": (flops.get_total_flops() + blocks.recompute_flops) / 1e12,
+            "weights": nbytes(frozen) + nbytes(trained),
             # gradients and AdamW's two moments, all fp32 like the trained parameters
             "trained_state": 3 * nbytes(trained), "saved": saved.total, "attention": saved.attention,
+            "recompute": blocks.largest, "recompute_attention": blocks.largest_attention,
             "trained_params": sum(p.numel() for p in trained[1:])}
+
+
+def fused_peak(counts):
+    """Estimated peak bytes with a fused attention kernel, which keeps no N x N probabilities: weights, trained
+    state, what the step keeps for backward, and the largest block recomputed in backward (checkpointing only)."""
+    return (counts["weights"] + counts["trained_state"] + counts["saved"] - counts["attention"] + counts["recompute"]
+            - counts["recompute_attention"])
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -165,10 +231,74 @@ def print_gpu_estimate():
     for method, (images, class_images) in GPU_BATCH.items():
         counts = step_counts(method, GPU_RESOLUTION, images, class_images, torch.float16)
         times = [counts["tflops"] / (GPU_PEAK_TFLOPS * u) for u in GPU_UTILISATION]
-        fused = counts["weights"] + counts["trained_state"] + counts["saved"] - counts["attention"]
+        fused = fused_peak(counts)
         print(f"| {method} | {images} + {class_images} class | {counts['tflops']:.2f} | "
               f"{times[1]:.3f}-{times[0]:.3f} | {gib(counts['weights'])} | {gib(counts['trained_state'])} | "
               f"{gib(counts['saved'])} | {gib(counts['attention'])} | {gib(fused)} |")
+
+
+def print_defaults_estimate():
+    print(f"\n### GPU estimate of the training defaults (not measured): SD v1.4 at {GPU_RESOLUTION} px\n")
+    print("Counted on the meta device as above; per optimizer step. The peak is the weights, the trained parameters' "
+          "gradients and AdamW state, the tensors the step keeps for backward and, with checkpointing, the largest "
+          "block recomputed in backward; with a fused attention kernel (no N x N probabilities kept) and with "
+          "attention written out.\n")
+    print("| configuration | images per step | TFLOPs per step | weights (GiB) | grads + AdamW (GiB) | kept for "
+          "backward, fused attention (GiB) | largest recomputed block (GiB) | est. peak, fused attention (GiB) | "
+          "est. peak, N x N kept (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, method, images, class_images, accumulation, dtype, checkpointing in DEFAULTS:
+        counts = step_counts(method, GPU_RESOLUTION, images, class_images, dtype, checkpointing)
+        whole = counts["weights"] + counts["trained_state"] + counts["saved"] + counts["recompute"]
+        batch = f"{images} + {class_images} class" if class_images else f"{images} x {accumulation}"
+        print(f"| {name} | {batch} | {counts['tflops'] * accumulation:.2f} | {gib(counts['weights'])} | "
+              f"{gib(counts['trained_state'])} | {gib(counts['saved'] - counts['attention'])} | "
+              f"{gib(counts['recompute'] - counts['recompute_attention'])} | {gib(fused_peak(counts))} | "
+              f"{gib(whole)} |")
+
+
+def write_class_images(folder, count, size, seed=0):
+    """`count` smooth random RGB PNGs of size x size (upsampled noise: they compress and decode like photos)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for k in range(count):
+        small = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        small.resize((size, size), Image.BICUBIC).save(folder / f"{k:04d}.png")
+
+
+def print_class_image_memory(count=CLASS_IMAGES, size=GPU_RESOLUTION, draws=20):
+    """Part 5: the RAM of a concept's class images, all loaded (as before) against read when drawn."""
+    side = round(size * PRE_RESIZE)
+    computed = count * 3 * side * side * 4
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "class_images"
+        write_class_images(folder, count, size)
+        ctypes.CDLL(None).malloc_trim(0)
+        before = resident_mb()
+        lazy = LazyImages(folder, size)
+        start = time.perf_counter()
+        drawn = [lazy[k] for k in range(draws)][-2:]  # a step at batch 2 holds two at a time
+        per_image = (time.perf_counter() - start) / draws
+        ctypes.CDLL(None).malloc_trim(0)  # both measured as what stays held, not the allocator's high-water mark
+        lazy_mb = resident_mb() - before
+        del drawn
+        ctypes.CDLL(None).malloc_trim(0)
+        before = resident_mb()
+        eager = load_concept_images(folder, size)
+        ctypes.CDLL(None).malloc_trim(0)
+        eager_mb = resident_mb() - before
+        assert len(eager) == len(lazy) == count
+    print(f"\n### Custom Diffusion's class images in RAM: {count} per concept at {size} px (held at {side} px)\n")
+    print("| class images | per concept (MiB) | 3 concepts (GiB) |")
+    print("|---|---|---|")
+    print(f"| all loaded, computed ({count} x 3 x {side} x {side} x 4 bytes) | {computed / 2**20:.0f} | "
+          f"{CONCEPTS * computed / 2**30:.2f} |")
+    print(f"| all loaded, measured (resident set, `load_concept_images`) | {eager_mb:.0f} | "
+          f"{CONCEPTS * eager_mb / 1024:.2f} |")
+    print(f"| read when drawn, measured (`LazyImages`, {draws} draws, 2 held) | {lazy_mb:.0f} | "
+          f"{CONCEPTS * lazy_mb / 1024:.2f} |")
+    print(f"\nReading one class image when drawn: {1000 * per_image:.0f} ms (PNG decode and resize, the "
+          f"mean of {draws} reads).")
 
 
 def main(argv=None):
@@ -179,6 +309,18 @@ def main(argv=None):
             torch.set_num_threads(job["threads"])
         print(json.dumps(cd_train_worker(job) if job["kind"] == "cd" else ti_train_worker(job)))
         return
+    if "steps" in args.parts:
+        measure_steps(args)
+    if "estimate" in args.parts:
+        print_gpu_estimate()
+    if "defaults" in args.parts:
+        print_defaults_estimate()
+    if "class-images" in args.parts:
+        print_class_image_memory()
+
+
+def measure_steps(args):
+    """Parts 1 and 2, and the estimator's check against them on the CPU."""
     device = get_device(args.device)
     mixed = "fp16" if device.type == "cuda" else "bf16"
     counts = step_counts("CD", 64, 1, 0, torch.float32)  # parameter counts do not depend on the image size
@@ -223,7 +365,6 @@ def main(argv=None):
                 counts = step_counts(kind.upper(), first["resolution"], 1, 1 if prior else 0, torch.float32)
                 print(f"- {name}: estimated {(counts['saved'] + counts['trained_state']) / 2**20:.0f} MB, measured "
                       f"{result['step_mb']:.0f} MB")
-    print_gpu_estimate()
 
 
 def build_parser():
@@ -237,6 +378,9 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=2, help="Timed training steps per configuration.")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 avoids spinning threads on a busy machine.")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="What to run: steps (parts 1-2, minutes), estimate (3), defaults (4), class-images (5); "
+                             "default: all.")
     parser.add_argument("--worker", default=None, help="Internal: run one JSON job and print its result.")
     return parser
 

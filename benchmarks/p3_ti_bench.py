@@ -32,6 +32,7 @@ from diffusers import DDPMScheduler
 
 import p3_textual_inversion as ti
 from p3_concepts import add_placeholder_tokens, sample_images, set_scheduler
+from p3_training import prepare_for_training
 from sd_v1 import SD_V1_CONFIG, load_sd_pipeline, random_pipeline
 from toy_data import TINY_SD_DIR, build_tiny_sd
 from utils import Hw2Error, get_device, run_cli, seed_everything
@@ -81,13 +82,14 @@ class PeakRss:
 
 
 def train_worker(job):
-    """Time `steps` training steps of one configuration; return the median step time, peak memory and last loss."""
+    """Time `steps` optimizer steps of one configuration (`grad_accum` forward passes of `batch_size` images each,
+    1 unless given); return the median step time, peak memory and last loss."""
     device = torch.device(job["device"])
     seed_everything(0)
     pipe = load_bench_pipeline(job["model"])
     resolution = job["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
     new_ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<bench>", 1, "dog")
-    embedding, autocast, scaler = ti.prepare_for_training(pipe, device, job["mixed_precision"], job["checkpointing"])
+    embedding, autocast, scaler = prepare_for_training(pipe, device, job["mixed_precision"], job["checkpointing"])
     original = embedding.weight.detach().clone()
     optimizer = torch.optim.AdamW([embedding.weight], lr=1e-3)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -98,8 +100,8 @@ def train_worker(job):
     losses = []
 
     def step():
-        losses.append(ti.train_step(pipe, noise_scheduler, lambda: (pixels, input_ids), 1, optimizer, scaler, autocast,
-                                    original, new_ids))
+        losses.append(ti.train_step(pipe, noise_scheduler, lambda: (pixels, input_ids), job.get("grad_accum", 1),
+                                    optimizer, scaler, autocast, original, new_ids))
 
     return {**timed_steps(step, job["steps"], device), "resolution": resolution, "loss": losses[-1]}
 

@@ -45,9 +45,9 @@ def timed(function, device):
     return result, time.perf_counter() - start
 
 
-def bare_encoder(model, batches, device):
-    """The image encoder alone on batches already in memory (the reference throughput)."""
-    with torch.inference_mode(), autocast(device):
+def bare_encoder(model, batches, device, use_autocast):
+    """The image encoder alone on batches already in memory (the reference throughput), in the loop's precision."""
+    with torch.inference_mode(), autocast(device, enabled=use_autocast):
         for pixels in batches:
             model.encode_image(pixels.to(device, non_blocking=True))
 
@@ -56,17 +56,20 @@ def bench_model(label, model, preprocess, tokenizer, paths, classnames, template
     """One result row: loop and bare images/s (medians over repeats), their ratio, the text side's cost, and how
     many images the last loop classified with finite probabilities."""
     model = model.to(device).eval()
-    p3.build_classifier(model, tokenizer, classnames[:1], templates, device, args.batch_size)  # warm-up
-    classifier, text_seconds = timed(
-        partial(p3.build_classifier, model, tokenizer, classnames, templates, device, args.batch_size), device)
+    build = partial(p3.build_classifier, model, tokenizer, device=device, batch_size=args.batch_size,
+                    use_autocast=args.autocast)
+    build(classnames[:1], templates)  # warm-up
+    classifier, text_seconds = timed(lambda: build(classnames, templates), device)
+    scale = p3.logit_scale(model)
     loader = p3.make_loader(paths, preprocess, args.batch_size, args.workers, device)
     batches = list(loader)  # the same batches, decoded once, for the bare encoder
-    bare_encoder(model, batches[:1], device)  # warm-up: first-call allocations and kernel selection
+    bare_encoder(model, batches[:1], device, args.autocast)  # warm-up: first-call allocations and kernel selection
     loop, bare = [], []
     for _ in range(repeats):  # interleaved, so that a busy machine slows both alike
-        (top_probs, _), seconds = timed(lambda: p3.classify(model, loader, classifier, device, p3.TOP_K), device)
+        (top_probs, _), seconds = timed(lambda: p3.classify(model, loader, classifier, device, p3.TOP_K, scale,
+                                                            args.autocast), device)
         loop.append(len(paths) / seconds)
-        bare.append(len(paths) / timed(lambda: bare_encoder(model, batches, device), device)[1])
+        bare.append(len(paths) / timed(lambda: bare_encoder(model, batches, device, args.autocast), device)[1])
     loop_ips, bare_ips = statistics.median(loop), statistics.median(bare)
     prompts_per_second = len(classnames) * len(templates) / text_seconds
     course_seconds = COURSE_IMAGES / loop_ips + COURSE_CLASSES * len(templates) / prompts_per_second
@@ -102,7 +105,8 @@ def main(argv=None):
                                 open_clip.get_tokenizer("ViT-B-32"), paths[:args.vit_images], classnames, templates,
                                 args.vit_repeats, args, device))
 
-    print(f"\nDevice: {device}; batch size {args.batch_size}; {args.workers} workers; {len(templates)} template(s); "
+    print(f"\nDevice: {device}, {p3.precision_name(device, args.autocast)}; batch size {args.batch_size}; "
+          f"{args.workers} workers; {len(templates)} template(s); "
           f"median of {args.repeats} run(s) (ViT-B-32: {args.vit_repeats}).")
     print("| model | images | loop images/s | bare encoder images/s | ratio | text prompts/s "
           "| ratio end to end, 2,500 images x 100 classes (projected) |")
@@ -121,6 +125,8 @@ def build_parser():
                         help="DataLoader worker processes, as p3_clip_zeroshot.py's --workers (default: 2).")
     parser.add_argument("--prompts", type=str, default="ensemble",
                         help="Prompt templates, as p3_clip_zeroshot.py's --prompts (default: ensemble).")
+    parser.add_argument("--autocast", action="store_true",
+                        help="Encode under autocast, as p3_clip_zeroshot.py's --autocast (default: fp32).")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Timed runs per model; the median is reported (default: 3).")
     parser.add_argument("--vit-repeats", type=int, default=1,

@@ -27,7 +27,12 @@ def test_smoke_runs_every_section(tmp_path, one_torch_thread):
     assert checks["fp16 + GradScaler: last loss"]["ok"] is True and checks["bf16: last loss"]["ok"] is True
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("\n| p1_train |") == 7 and "| p2_precision | fp32: 2 x 32 px, 2 steps |" in table
-    # P3: peak memory and finite loss of TI and CD with and without checkpointing, images produced, images classified
+    # P3: peak memory and finite loss of every training configuration, images produced, images classified
     p3_checks = {(name, r["measurement"]): r["ok"] for name in ("p3_ti_step", "p3_generate", "p3_zeroshot")
                  for r in report["sections"][name] if r["ok"] is not None}
-    assert len(p3_checks) == 4 * 2 + 1 + 1 and all(p3_checks.values()), p3_checks
+    configurations = gpu_check.p3_training_configurations(gpu_check.SMOKE)
+    assert len(p3_checks) == len(configurations) * 2 + 1 + 1 and all(p3_checks.values()), p3_checks
+    # textual inversion's default on CUDA (batch 1 x 4 accumulation) is measured beside its former default
+    steps = [r["measurement"] for r in report["sections"]["p3_ti_step"] if r["measurement"].endswith("step time")]
+    assert any("batch 1 x 2 accumulation (the default on CUDA)" in m for m in steps), steps
+    assert any("fp32, batch 2 (the former default)" in m for m in steps), steps

@@ -20,6 +20,7 @@ from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 import p3_concepts as concepts
 import p3_score
 import p3_textual_inversion as ti
+import p3_training as training
 import sd_v1
 from utils import Hw2Error, run_cli
 
@@ -46,7 +47,8 @@ def toy_pipeline(toy_sd):
 
 
 def train_args(*extra):
-    return ["train", "--steps", "3", "--batch-size", "1", "--save-every", "1", "--device", "cpu", *extra]
+    return ["train", "--steps", "3", "--batch-size", "1", "--grad-accum", "1", "--save-every", "1", "--device", "cpu",
+            *extra]
 
 
 # ------------------------------------------------------------------------------------------------ toy model
@@ -104,7 +106,8 @@ def fixed_problem(pipe, batch_size=2):
 def ready_to_train(toy_sd, mixed_precision="no", checkpointing=False):
     pipe = toy_pipeline(toy_sd)
     new_ids = concepts.add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, "<new1>", 1, "rocket")
-    embedding, autocast, scaler = ti.prepare_for_training(pipe, torch.device("cpu"), mixed_precision, checkpointing)
+    embedding, autocast, scaler = training.prepare_for_training(pipe, torch.device("cpu"), mixed_precision,
+                                                                checkpointing)
     return pipe, new_ids, embedding, autocast, scaler
 
 
@@ -127,11 +130,11 @@ def test_train_step_lowers_the_loss_on_a_fixed_problem(toy_sd):
 def embedding_gradient(pipe, embedding, scheduler, batch, autocast, seed=0):
     """d loss / d embedding table for `batch`, drawing latents, noise and timesteps as train_step does."""
     torch.manual_seed(seed)
-    z_0 = concepts.encode_latents(pipe.vae, batch[0])
+    z_0 = training.encode_latents(pipe.vae, batch[0])
     eps = torch.randn_like(z_0)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (z_0.shape[0],))
     with autocast:
-        loss = concepts.denoising_loss(pipe.unet, pipe.text_encoder, scheduler, z_0, batch[1], eps, t)
+        loss = training.denoising_loss(pipe.unet, pipe.text_encoder, scheduler, z_0, batch[1], eps, t)
     loss.backward()
     gradient = embedding.weight.grad.clone()
     embedding.weight.grad = None
@@ -157,9 +160,9 @@ def test_grad_accum_steps_with_the_mean_of_the_micro_batch_gradients(toy_sd):
     torch.manual_seed(7)
     gradients = []
     for _ in range(2):
-        z_0 = concepts.encode_latents(pipe.vae, batch[0])
+        z_0 = training.encode_latents(pipe.vae, batch[0])
         eps, t = torch.randn_like(z_0), torch.randint(0, scheduler.config.num_train_timesteps, (1,))
-        concepts.denoising_loss(pipe.unet, pipe.text_encoder, scheduler, z_0, batch[1], eps, t).backward()
+        training.denoising_loss(pipe.unet, pipe.text_encoder, scheduler, z_0, batch[1], eps, t).backward()
         gradients.append(embedding.weight.grad[new_ids].clone())
         embedding.weight.grad = None
     optimizer = torch.optim.SGD([embedding.weight], lr=1.0)  # step = -gradient
@@ -220,8 +223,8 @@ def test_train_loads_the_model_once_and_each_concept_starts_from_the_models_voca
 
 def test_the_validation_prompt_names_each_vector_once(ti_dir, tmp_path, monkeypatch):
     prompts = []
-    monkeypatch.setattr(ti, "sample_images", lambda pipe, prompt, seeds, *a: prompts.append(prompt) or torch.zeros(
-        len(seeds), 3, 32, 32))
+    monkeypatch.setattr(training, "sample_images", lambda pipe, prompt, seeds, *a: prompts.append(prompt) or
+                        torch.zeros(len(seeds), 3, 32, 32))
     pipe = ti.main(train_args(str(ti_dir / "0"), "--token", "<new1>", "--init-token", "rocket", "--num-vectors", "2",
                               "--validate-every", "2", "--out", str(tmp_path)))
     assert len(prompts) == 2 and (tmp_path / "validation" / "step000002.png").is_file()
@@ -259,7 +262,7 @@ def test_training_changes_only_new_rows_and_round_trips_through_diffusers(ti_dir
 
 def test_resume_continues_where_the_last_save_stopped(ti_dir, tmp_path):
     concept = ["train", str(ti_dir / "1"), "--token", "<new2>", "--init-token", "deep space", "--property", "style",
-               "--batch-size", "1", "--save-every", "1", "--device", "cpu"]
+               "--batch-size", "1", "--grad-accum", "1", "--save-every", "1", "--device", "cpu"]
     ti.main([*concept, "--steps", "4", "--out", str(tmp_path / "straight")])
     ti.main([*concept, "--steps", "2", "--out", str(tmp_path / "resumed")])
     assert ti.load_checkpoint(tmp_path / "resumed" / ti.STATE_FILE)["step"] == 2
@@ -378,7 +381,7 @@ def graders_numbers(toy_world, images, data):
 def test_smoke_train_generate_score(toy_world, ti_dir, tmp_path):
     embeds, images = tmp_path / "embeds", tmp_path / "images"
     result = run_script("train", "--input-json", str(ti_dir / "input.json"), "--out", str(embeds), "--steps", "2",
-                        "--batch-size", "1", "--validate-every", "2", "--device", "cpu")
+                        "--batch-size", "1", "--grad-accum", "1", "--validate-every", "2", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "Toy world" in result.stdout
     assert sorted(p.relative_to(embeds).as_posix() for p in embeds.rglob("*.safetensors")) == [

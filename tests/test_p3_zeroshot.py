@@ -18,6 +18,7 @@ from PIL import Image
 import p3_clip_models as models
 import p3_clip_zeroshot as p3
 import toy_data
+import utils
 from utils import Hw2Error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,38 +65,89 @@ def test_tiny_clip_is_seeded_and_loads_offline(toy_world, tmp_path):
 # --------------------------------------------------------------------------- against open_clip's helper
 
 
-def test_classifier_and_predictions_match_open_clip(tiny):
+def test_classifier_is_open_clips_and_confidences_use_the_models_logit_scale(tiny, monkeypatch):
     model, preprocess, tokenizer, names, paths, class_ids = tiny
     classnames = [p3.clean_class_name(name) for name in names]
     templates = list(p3.CIFAR100_TEMPLATES)
+    calls = []
+    helper = open_clip.build_zero_shot_classifier
+    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", lambda *a, **k: calls.append(k) or helper(*a, **k))
     ours = p3.build_classifier(model, tokenizer, classnames, templates, "cpu", batch_size=64)  # 180 prompts
-    reference = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, templates,
-                                                     num_classes_per_batch=3, device="cpu")
+    assert len(calls) == 1, "the classifier is not built by open_clip's build_zero_shot_classifier"
+    reference = helper(model, tokenizer, classnames, templates, num_classes_per_batch=3, device="cpu")
     assert ours.shape == reference.shape == (model.text_projection.shape[1], len(names))
-    err = (ours - reference).abs().max().item()
-    assert err < 1e-5, f"classifier differs from open_clip's build_zero_shot_classifier by {err}"
+    assert ours.dtype == torch.float32 and torch.equal(ours, reference), (ours - reference).abs().max()
 
+    # the toy CLIP's scale is open_clip's initial exp(log(1 / 0.07)) = 14.3: a fixed 100 would give other confidences
+    scale = model.logit_scale.exp().item()
+    assert p3.logit_scale(model) == pytest.approx(scale) and abs(scale - 100) > 50, scale
     loader = p3.make_loader(paths, preprocess, batch_size=32, workers=0, device="cpu")  # 100 images: last batch 4
-    top_probs, top_classes = p3.classify(model, loader, ours, "cpu", k=5)
+    top_probs, top_classes = p3.classify(model, loader, ours, "cpu", 5, p3.logit_scale(model))
     with torch.no_grad():
         pixels = torch.stack([preprocess(Image.open(path).convert("RGB")) for path in paths])
-        features = model.encode_image(pixels, normalize=True)
-        reference_probs = (100.0 * features @ reference).softmax(dim=-1)
+        image_features, _, model_scale = model(pixels, None)  # open_clip's forward: normalised features, exp(t)
+        reference_probs = (model_scale * image_features @ reference).softmax(dim=-1)
     assert torch.equal(top_classes[:, 0], reference_probs.argmax(dim=-1))
     gathered = reference_probs.gather(1, top_classes)  # robust to near-ties among the lower top-5 entries
     assert torch.allclose(top_probs, gathered, atol=1e-5), (top_probs - gathered).abs().max()
     assert torch.allclose(top_probs[:, -1], reference_probs.topk(5).values[:, -1], atol=1e-5)
 
 
+def test_fp32_by_default_and_autocast_only_on_request(toy_world, tmp_path, monkeypatch):
+    """Pretend this CPU autocasts to bf16, as a GPU does: the encoders must still run in fp32 unless --autocast."""
+    for module in (utils, p3):  # what utils.autocast and the script's precision label ask
+        monkeypatch.setattr(module, "amp_dtype", lambda *args, **kwargs: torch.bfloat16, raising=False)
+    seen = []
+    load = p3.load_clip
+
+    def recording_load(*args, **kwargs):
+        model, preprocess, tokenizer = load(*args, **kwargs)
+        for name in ("encode_image", "encode_text"):
+            encode = getattr(model, name)
+            setattr(model, name, lambda *a, encode=encode, name=name, **k: seen.append(
+                (name, torch.is_autocast_enabled("cpu"))) or encode(*a, **k))
+        return model, preprocess, tokenizer
+
+    monkeypatch.setattr(p3, "load_clip", recording_load)
+    flags = ["--data", str(toy_world / "clip_zeroshot"), "--device", "cpu", "--workers", "0"]
+    p3.main([*flags, "--out", str(tmp_path / "default")])
+    assert {name for name, _ in seen} == {"encode_image", "encode_text"} and not any(on for _, on in seen), seen
+    assert json.loads((tmp_path / "default" / "metrics.json").read_text())["precision"] == "float32"
+    seen.clear()
+    p3.main([*flags, "--out", str(tmp_path / "autocast"), "--autocast"])
+    assert seen and all(on for _, on in seen), seen
+    assert json.loads((tmp_path / "autocast" / "metrics.json").read_text())["precision"] == "bfloat16"
+
+
 # ------------------------------------------------------------------------------ hand-made known answers
 
 
-def test_text_classifier_by_hand():
-    # class 0: templates along x (length 2) and y (length 3): unit vectors averaged -> (1, 1)/sqrt(2)
-    # class 1: both templates along -x -> (-1, 0)
-    features = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [-5.0, 0.0]])
+class FixedTextFeatures(torch.nn.Module):
+    """A stand-in CLIP whose text feature of prompt k is row k of `features` (its tokenizer gives prompt indices)."""
+
+    def __init__(self, prompts, features):
+        super().__init__()
+        self.index = {prompt: k for k, prompt in enumerate(prompts)}
+        self.features = features
+
+    def tokenize(self, texts):
+        return torch.tensor([self.index[text] for text in texts])
+
+    def encode_text(self, tokens, normalize=False):
+        features = self.features[tokens]
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+
+def test_classifier_by_hand():
+    # class "a": templates along x (length 2) and y (length 3): unit vectors averaged -> (1, 1)/sqrt(2)
+    # class "b": both templates along -x -> (-1, 0)
+    templates = ["{} one", "{} two"]
+    prompts = ["a one", "a two", "b one", "b two"]
+    model = FixedTextFeatures(prompts, torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [-5.0, 0.0]]))
     expected = torch.tensor([[1 / math.sqrt(2), -1.0], [1 / math.sqrt(2), 0.0]])  # [D, C]
-    assert torch.allclose(p3.text_classifier(features, 2), expected, atol=1e-6)
+    for batch_size in (1, 2, 4):  # one class per pass, or both: the same classifier
+        classifier = p3.build_classifier(model, model.tokenize, ["a", "b"], templates, "cpu", batch_size)
+        assert torch.allclose(classifier, expected, atol=1e-6), (batch_size, classifier)
 
 
 class FeaturesAreImages(torch.nn.Module):
@@ -115,7 +167,7 @@ def test_accuracy_on_a_constructed_case():
                            [0.2, 0.0, 0.1]])  # -> 0 (scale does not matter: features are normalised)
     labels = torch.tensor([0, 1, 1, 2, 0])  # right, right, wrong (2 for 1), wrong (0 for 2), right
     batches = [images[:2], images[2:3], images[3:]]  # uneven batches, one of size 1
-    top_probs, top_classes = p3.classify(FeaturesAreImages(), batches, classifier, "cpu", k=2)
+    top_probs, top_classes = p3.classify(FeaturesAreImages(), batches, classifier, "cpu", 2, 100.0)
     assert top_classes[:, 0].tolist() == [0, 1, 2, 0, 0]
     correct = top_classes[:, 0] == labels
     assert correct.tolist() == [True, True, False, False, True]  # 3/5 = 60%

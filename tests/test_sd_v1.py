@@ -98,7 +98,7 @@ def test_the_cache_is_written_once_and_redone_when_the_source_changes(tiny, tmp_
     ckpt = fresh_copy(tiny, tmp_path)
     sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
     cache = tmp_path / ("model.ckpt" + sd_v1.CACHE_SUFFIX)
-    assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt)
+    assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt, tiny["config"])
     assert sorted(p.name for p in cache.rglob("*.safetensors")) == ["diffusion_pytorch_model.safetensors",
                                                                     "diffusion_pytorch_model.safetensors",
                                                                     "model.safetensors"]
@@ -108,9 +108,100 @@ def test_the_cache_is_written_once_and_redone_when_the_source_changes(tiny, tmp_
     assert_same_weights(tiny["pipe"], cached)
     stat = ckpt.stat()
     os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a replaced source: the cache is redone
-    assert not sd_v1.cache_is_valid(cache, ckpt)
+    assert not sd_v1.cache_is_valid(cache, ckpt, tiny["config"])
     sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
-    assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt)
+    assert "Converted" in capsys.readouterr().out and sd_v1.cache_is_valid(cache, ckpt, tiny["config"])
+
+
+def converted_cache(tiny, tmp_path, capsys):
+    """A fresh copy of the fixture's model.ckpt, converted once; returns (the file, its cache)."""
+    ckpt = fresh_copy(tiny, tmp_path)
+    sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    assert "Converted" in capsys.readouterr().out
+    return ckpt, tmp_path / ("model.ckpt" + sd_v1.CACHE_SUFFIX)
+
+
+def reload_reports(tiny, ckpt, capsys):
+    """Load `ckpt` again; (the pipeline, the warning lines printed, whether it was converted again)."""
+    loaded = sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    out = capsys.readouterr().out.splitlines()
+    return loaded, [line for line in out if line.startswith("warning:")], any("Converted" in line for line in out)
+
+
+def test_a_damaged_cache_is_converted_again_after_one_warning(tiny, tmp_path, capsys):
+    ckpt, cache = converted_cache(tiny, tmp_path, capsys)
+    weights = cache / "unet" / "diffusion_pytorch_model.safetensors"
+    scheduler = cache / "scheduler" / "scheduler_config.json"
+    beta_end = json.loads(scheduler.read_text())["beta_end"]
+    damages = {  # an interrupted copy, and an edit that would load without an error but sample otherwise
+        "truncated weights": lambda: weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2]),
+        "changed config": lambda: scheduler.write_text(scheduler.read_text().replace(str(beta_end), "0.02")),
+        "missing weights": lambda: (cache / "vae" / "diffusion_pytorch_model.safetensors").unlink(),
+    }
+    for name, damage in damages.items():
+        damage()
+        loaded, warnings, converted = reload_reports(tiny, ckpt, capsys)
+        assert len(warnings) == 1 and "is damaged" in warnings[0] and converted, (name, warnings)
+        assert_same_weights(tiny["pipe"], loaded)
+        assert loaded.scheduler.config.beta_end == beta_end, name
+        assert sd_v1.cache_is_valid(cache, ckpt, tiny["config"]), f"{name}: the cache was not repaired"
+
+
+def test_a_cache_that_fails_to_load_is_converted_again(tiny, tmp_path, capsys, monkeypatch):
+    """Damage the stamp cannot see (large weights are sized, not hashed): the load fails, one warning, converted."""
+    monkeypatch.setattr(sd_v1, "HASHED_FILE_SIZE", 0, raising=False)
+    ckpt, cache = converted_cache(tiny, tmp_path, capsys)
+    weights = cache / "text_encoder" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:24] = b"not a json head!"  # safetensors: an 8-byte header length, then the JSON header
+    weights.write_bytes(bytes(data))
+    assert sd_v1.cache_is_valid(cache, ckpt, tiny["config"])  # same sizes: the stamp holds
+    loaded, warnings, converted = reload_reports(tiny, ckpt, capsys)
+    assert len(warnings) == 1 and "fails to load" in warnings[0] and converted, warnings
+    assert_same_weights(tiny["pipe"], loaded)
+
+
+def test_another_diffusers_version_or_shipped_config_invalidates_the_cache(tiny, tmp_path, capsys, monkeypatch):
+    config = Path(shutil.copytree(tiny["config"], tmp_path / "config"))
+    tiny = {**tiny, "config": config}
+    ckpt, cache = converted_cache(tiny, tmp_path, capsys)
+    monkeypatch.setattr(sd_v1.diffusers, "__version__", "0.0.1")  # the converter the cache came from is gone
+    _, warnings, converted = reload_reports(tiny, ckpt, capsys)
+    assert converted and not warnings, "a cache from another diffusers version was used"
+    assert sd_v1.cache_status(cache, ckpt, config) == ("valid", "")
+    scheduler = config / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace('"beta_end": 0.012', '"beta_end": 0.02'))
+    assert sd_v1.cache_status(cache, ckpt, config) == ("stale", "config_sha256")
+    loaded, warnings, converted = reload_reports(tiny, ckpt, capsys)
+    assert converted and not warnings and loaded.scheduler.config.beta_end == 0.02
+    monkeypatch.undo()
+    assert sd_v1.cache_status(cache, ckpt, config) == ("stale", "diffusers")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="maps file descriptors to paths through /proc")
+def test_every_cache_file_is_fsynced_before_the_cache_is_renamed_into_place(tiny, tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def spy_replace(source, target, *args, **kwargs):
+        events.append(("replace", os.path.realpath(source), os.path.realpath(target)))
+        replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    ckpt = fresh_copy(tiny, tmp_path)
+    sd_v1.load_sd_pipeline(str(ckpt), config=tiny["config"])
+    cache = Path(os.path.realpath(tmp_path / ("model.ckpt" + sd_v1.CACHE_SUFFIX)))
+    rename = next(i for i, event in enumerate(events) if event[0] == "replace" and event[2] == str(cache))
+    temporary = Path(events[rename][1])
+    synced = {event[1] for event in events[:rename] if event[0] == "fsync"}
+    expected = {str(temporary / path.relative_to(cache)) for path in cache.rglob("*")} | {str(temporary)}
+    assert expected <= synced, f"not fsynced before the rename: {sorted(expected - synced)[:3]}"
+    assert ("fsync", str(cache.parent)) in events[rename:], "the rename itself was not fsynced"
 
 
 def test_the_cache_is_readable_by_other_accounts_and_used_by_them(tiny, tmp_path, umask, monkeypatch, capsys):

@@ -228,6 +228,22 @@ def test_the_cache_is_readable_by_other_accounts_and_used_by_them(tiny, tmp_path
     assert not (tmp_path / "other_account_cache").exists()
 
 
+def test_a_damaged_cache_this_account_cannot_replace_is_passed_over_once(tiny, tmp_path, monkeypatch, capsys):
+    """The grader's account finds a damaged cache beside the student's checkpoint and cannot write there: it warns,
+    converts once into its own cache, and the next run loads that copy instead of converting on every run."""
+    ckpt, cache = converted_cache(tiny, tmp_path, capsys)
+    weights = cache / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other_account_cache"))
+    monkeypatch.setattr(sd_v1.os, "access", lambda path, mode: Path(path) != ckpt.parent)
+    loaded, warnings, converted = reload_reports(tiny, ckpt, capsys)
+    assert converted and len(warnings) == 1 and "not using it" in warnings[0], warnings
+    assert_same_weights(tiny["pipe"], loaded)
+    loaded, warnings, converted = reload_reports(tiny, ckpt, capsys)
+    assert not converted and len(warnings) == 1, "the account's own valid cache was not used"
+    assert_same_weights(tiny["pipe"], loaded)
+
+
 def test_a_cache_that_cannot_be_written_still_loads_the_model(tiny, tmp_path, monkeypatch, capsys):
     """A full disk on the grading machine costs the next run a conversion, never this run's images."""
     ckpt = fresh_copy(tiny, tmp_path)

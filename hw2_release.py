@@ -180,8 +180,6 @@ def pack(args):
                           ("ti", f"no {TI_DIR}/**/{ti.EMBEDS_FILE}: hw2_3.sh will have no learned tokens")):
         if kind not in kinds:
             print(f"warning: {checkpoints} holds {missing}")
-    if args.url_base and not re.match(r"https?://", args.url_base):
-        raise Hw2Error(f"--url-base {args.url_base!r} must be a web address (http:// or https://)")
     drive = parse_drive(args.drive)
     names = [release_name(destination) for _, _, destination in parts]
     unknown = sorted(set(drive) - set(names))
@@ -419,6 +417,8 @@ def print_table(results):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.url_base and not re.match(r"https?://", args.url_base):
+        raise Hw2Error(f"--url-base {args.url_base!r} must be a web address (http:// or https://)")
     if args.check:
         if args.url_base or args.drive:
             raise Hw2Error("--check rehearses the committed release; pack with --url-base / --drive first, commit, "

@@ -181,20 +181,20 @@ def fetch(entry, root, force=False):
     if not url:
         raise ReleaseError(f"{MANIFEST_NAME} gives no URL for {entry['name']}: upload it and run hw2_release.py "
                            f"with --url-base or --drive")
+    print(f"{entry['destination']}: downloading {entry['bytes'] / 1e6:.1f} MB from {url} ...", flush=True)
     with new_folders(path.parent):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as target:
-                try:
-                    if is_drive(url):
-                        download_drive(url, tmp)
-                    else:
+            try:
+                with os.fdopen(fd, "wb") as target:
+                    if not is_drive(url):
                         download_url(url, target)
-                except ReleaseError as err:
-                    raise ReleaseError(f"cannot download {entry['name']} from {url} ({err}); nothing was "
-                                       f"written") from None
-                target.flush()
-                os.fsync(target.fileno())
+                if is_drive(url):
+                    download_drive(url, tmp)
+            except ReleaseError as err:
+                raise ReleaseError(f"cannot download {entry['name']} from {url} ({err}); nothing was written") from None
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             size, digest = os.path.getsize(tmp), sha256_file(tmp)
             if digest != entry["sha256"] or size != entry["bytes"]:
                 raise ReleaseError(f"{entry['name']} from {url} has sha256 {digest} ({size} bytes) where "

@@ -82,9 +82,13 @@ def serve(folder):
         thread.join()
 
 
+def hw2_download(clone, *args, **env):
+    return subprocess.run(["bash", str(clone / "hw2_download.sh"), *args], cwd=clone, env={**ENV, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
 def download(clone, *flags, **env):
-    return subprocess.run(["bash", str(clone / "hw2_download.sh"), "--weights-only", *flags], cwd=clone,
-                          env={**ENV, **env}, capture_output=True, text=True, timeout=120)
+    return hw2_download(clone, "--weights-only", *flags, **env)
 
 
 def one_error_line(result):
@@ -280,6 +284,20 @@ def test_a_dead_server_is_one_line_and_leaves_nothing(clone):
     assert "nothing was written" in error and not (clone / "checkpoints").exists()
 
 
+def test_the_default_run_fetches_the_weights_then_the_data_and_data_only_no_weights(released, clone):
+    """Offline for the data (the probe hits a closed port): --data-only fails at once and fetches no weights; the
+    default run fetches the weights first, then fails on the data."""
+    count = len(released.answered)
+    data_only = hw2_download(clone, "--data-only", HW2_NET_CHECK_URL=CLOSED_PORT)
+    assert "cannot reach" in one_error_line(data_only) and not (clone / "checkpoints").exists()
+    assert len(released.answered) == count
+    both = hw2_download(clone, HW2_NET_CHECK_URL=CLOSED_PORT)
+    assert "cannot reach" in one_error_line(both) and "Weights ready" in both.stdout
+    assert files_under(clone / "checkpoints") == sorted(entry["destination"].removeprefix("checkpoints/")
+                                                        for entry in released.files)
+    assert len(released.answered) == count + len(released.files)
+
+
 FAKE_GDOWN = """#!/usr/bin/env bash
 # stand-in for gdown: `gdown URL -O FILE -q` copies $DRIVE_FOLDER/<id> (the URL's id=...) to FILE
 id="${1##*id=}"
@@ -313,3 +331,18 @@ def test_google_drive_links_and_ids_are_fetched_with_gdown(released, clone, tmp_
     assert "gdown failed: Access denied" in one_error_line(download(clone, **env))
     with pytest.raises(Hw2Error, match="NAME=LINK"):
         hw2_release.parse_drive(["p1-ddpm.safetensors"])
+
+
+@pytest.mark.parametrize("destination", ["../escape.safetensors", "/etc/hw2.safetensors", "hw2_1.sh",
+                                         "checkpoints/../hw2_1.sh", "checkpoints"])
+def test_a_manifest_cannot_write_outside_checkpoints(tmp_path, destination):
+    """A manifest names files for a stranger's machine: nothing may land beside the code (e.g. replace hw2_1.sh)."""
+    entry = {"name": "x.safetensors", "destination": destination, "url": "", "sha256": "0" * 64, "bytes": 1}
+    (tmp_path / "hw2_release.json").write_text(release_manifest.manifest_text([entry]))
+    with pytest.raises(release_manifest.ReleaseError, match="must lie under checkpoints/"):
+        release_manifest.read_manifest(tmp_path / "hw2_release.json")
+
+
+def test_help_names_the_weights(tmp_path):
+    result = hw2_download(REPO, "--help")
+    assert result.returncode == 0 and "--weights-only" in result.stdout and "hw2_release.json" in result.stdout

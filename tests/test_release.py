@@ -346,3 +346,27 @@ def test_a_manifest_cannot_write_outside_checkpoints(tmp_path, destination):
 def test_help_names_the_weights(tmp_path):
     result = hw2_download(REPO, "--help")
     assert result.returncode == 0 and "--weights-only" in result.stdout and "hw2_release.json" in result.stdout
+
+
+def test_the_rehearsals_sd_model_is_the_flag_the_toy_model_or_the_courses_file(toy_world, tmp_path):
+    """hw2_3.sh is skipped (None) only when no SD v1.4 model is at hand."""
+    real = tmp_path / "hw2_data" / "textual_inversion" / "input.json"  # no TOY marker: real data
+    no_flag = SimpleNamespace(sd=None)
+    assert hw2_release.sd_model(no_flag, real, tmp_path) is None
+    course = tmp_path / hw2_release.COURSE_SD
+    course.parent.mkdir(parents=True)
+    course.write_bytes(b"")
+    assert hw2_release.sd_model(no_flag, real, tmp_path) == str(course)
+    assert hw2_release.sd_model(SimpleNamespace(sd="CompVis/stable-diffusion-v1-4"), real, tmp_path) == \
+        "CompVis/stable-diffusion-v1-4"
+    toy_json = toy_world / "textual_inversion" / "input.json"
+    assert hw2_release.sd_model(no_flag, toy_json, REPO) == str(toy_world.resolve() / "toy_models" / "tiny-sd")
+
+
+def test_the_rehearsals_p2_score_is_the_mse_against_the_same_numbered_ground_truth(toy_world, tmp_path):
+    gt = toy_world / "face" / "GT"
+    shutil.copy(gt / "00.png", tmp_path / "00.png")
+    shutil.copy(gt / "02.png", tmp_path / "01.png")  # a wrong image for 01
+    pixels = [np.asarray(Image.open(gt / name).convert("RGB"), dtype=np.float64) for name in ("01.png", "02.png")]
+    expected = np.mean((pixels[0] - pixels[1]) ** 2) / 2  # 00 is exact
+    assert hw2_release.score_p2(tmp_path, gt) == f"mean MSE {expected:.4f} over 2 images (0-255 scale, against GT/)"

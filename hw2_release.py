@@ -311,54 +311,46 @@ def sd_model(args, input_json, repo):
     return str(repo / COURSE_SD) if (repo / COURSE_SD).is_file() else None
 
 
+def script_step(name, command, work, env, score):
+    """Run one grading script from `work`: pass with `score()`, or fail with the script's error line."""
+    log = work / "logs" / f"{name.split()[0]}.log"
+    status, seconds = run_logged(command, work, log, env)
+    return StepResult(name, "fail" if status else "pass", seconds, last_error(log) if status else score())
+
+
 def rehearsal_steps(args, repo, clone, work, env):
     """Run the TA's sequence in `clone`; yields a StepResult per script as it finishes."""
-    data = Path(args.data)
-    quick = QUICK_FLAGS if args.quick else []
-    logs = work / "logs"
-
-    status, seconds = run_logged(["bash", clone / "hw2_download.sh", "--weights-only"], work, logs / "download.log",
-                                 env)
-    if status:
-        yield StepResult("hw2_download.sh --weights-only", "fail", seconds, last_error(logs / "download.log"))
-    else:
-        files = read_manifest(clone / MANIFEST_NAME)
-        yield StepResult("hw2_download.sh --weights-only", "pass", seconds,
-                         f"{len(files)} file(s), {size_text(sum(entry['bytes'] for entry in files))}")
-
-    out = work / "p1_out"
-    status, seconds = run_logged(["bash", clone / "hw2_1.sh", out, *quick], work, logs / "hw2_1.log", env)
+    data, quick = Path(args.data), QUICK_FLAGS if args.quick else []
+    manifest = clone / MANIFEST_NAME
+    yield script_step("hw2_download.sh --weights-only", ["bash", clone / "hw2_download.sh", "--weights-only"], work,
+                      env, lambda: f"{len(read_manifest(manifest))} file(s), "
+                                   f"{size_text(sum(entry['bytes'] for entry in read_manifest(manifest)))}")
     evaluator = repo / DESTINATION_ROOT / P1_DIR / p1_eval.EVALUATOR_NAME
-    note = last_error(logs / "hw2_1.log") if status else score_p1(out, evaluator)
-    yield StepResult("hw2_1.sh", "fail" if status else "pass", seconds, note)
+    yield script_step("hw2_1.sh", ["bash", clone / "hw2_1.sh", work / "p1_out", *quick], work, env,
+                      lambda: score_p1(work / "p1_out", evaluator))
 
     face = data / "face"
     if not (face / "UNet.pt").is_file() or not (face / "noise").is_dir():
         yield StepResult("hw2_2.sh", "skipped", None, f"no {face / 'UNet.pt'} or {face / 'noise'}")
     else:
-        out = work / "p2_out"
-        status, seconds = run_logged(["bash", clone / "hw2_2.sh", face / "noise", out, face / "UNet.pt"], work,
-                                     logs / "hw2_2.log", env)
-        note = last_error(logs / "hw2_2.log") if status else score_p2(out, face / "GT")
-        yield StepResult("hw2_2.sh", "fail" if status else "pass", seconds, note)
+        yield script_step("hw2_2.sh", ["bash", clone / "hw2_2.sh", face / "noise", work / "p2_out", face / "UNet.pt"],
+                          work, env, lambda: score_p2(work / "p2_out", face / "GT"))
 
     input_json = data / "textual_inversion" / "input.json"
     model = sd_model(args, input_json, repo) if input_json.is_file() else None
-    if not input_json.is_file() or model is None:
+    if model is None:
         reason = f"no {input_json}" if not input_json.is_file() else (
             f"no SD v1.4 model: pass --sd PATH (the course's model.ckpt) or put it at {COURSE_SD}")
         yield StepResult("hw2_3.sh", "skipped", None, reason)
         return
     out = work / "output_folder_example"
     placeholders = course_output_folder(out, read_input_json(input_json, ("token_name", "prompt")))
-    status, seconds = run_logged(["bash", clone / "hw2_3.sh", input_json, out, model, *quick], work,
-                                 logs / "hw2_3.log", env)
+    result = script_step("hw2_3.sh", ["bash", clone / "hw2_3.sh", input_json, out, model, *quick], work, env,
+                         lambda: score_p3(input_json, out))
     lost = [path for path in placeholders if not path.is_file()]
-    if status or lost:
-        note = last_error(logs / "hw2_3.log") if status else f"{len(lost)} {PLACEHOLDER} file(s) were removed"
-        yield StepResult("hw2_3.sh", "fail", seconds, note)
-    else:
-        yield StepResult("hw2_3.sh", "pass", seconds, score_p3(input_json, out))
+    if lost and result.status == "pass":
+        result = StepResult("hw2_3.sh", "fail", result.seconds, f"{len(lost)} {PLACEHOLDER} file(s) were removed")
+    yield result
 
 
 def git(repo, *command):

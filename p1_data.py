@@ -152,6 +152,15 @@ def load_split(data_root, split="train", limit=0, cache_dir=None, exclude_val=Fa
     return torch.from_numpy(images), digits, dataset_ids
 
 
+def data_fingerprint(images, digits, dataset_ids):
+    """sha256 of a split's decoded uint8 images and their labels, in order (hex): the same training data gives the
+    same fingerprint on any machine, whatever its file paths and times."""
+    digest = hashlib.sha256()
+    for array in (images, digits, dataset_ids):
+        digest.update(np.ascontiguousarray(array.numpy()))
+    return digest.hexdigest()
+
+
 def to_model_range(images_uint8):
     """uint8 [0, 255] -> float [-1, 1]."""
     return images_uint8.float() / 127.5 - 1

@@ -10,11 +10,12 @@ The images are decoded once into a uint8 cache under `--out`/cache that every ra
 batches are gathered from it (no DataLoader workers). The default paths are relative to this file's folder.
 
 Each epoch ends with an atomic checkpoint (model, EMA, optimizer, LR schedule, grad scaler, epoch/step, every
-rank's random states, config), so a kill loses at most the current epoch and `--resume` continues exactly: the
-data order and the diffusion noise of an epoch are functions of (seed, epoch, rank) only, and each rank gets its
-own dropout stream back (on GPUs with `--deterministic` kernels). Samples come from the EMA weights. The loss runs
-under bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing) and on CPUs with native bf16 (AVX512-BF16
-or AMX), fp32 elsewhere; it is read back to the host every LOG_EVERY steps only.
+rank's random states, config, preset name, fingerprint of the training data), so a kill loses at most the current
+epoch and `--resume` continues exactly: the data order and the diffusion noise of an epoch are functions of (seed,
+epoch, rank) only, and each rank gets its own dropout stream back (on GPUs with `--deterministic` kernels). Samples
+come from the EMA weights. The loss runs under bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing)
+and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere; it is read back to the host every LOG_EVERY
+steps only.
 """
 
 import argparse
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from p1_data import load_split, to_model_range
+from p1_data import data_fingerprint, load_split, to_model_range
 from p1_model import NUM_DIGITS, Diffusion, P1Config, diffusion_loss, final, preset
 from utils import (
     Hw2Error,
@@ -223,6 +224,9 @@ def restore_rng_states(saved, device, rank, world_size, seed, epoch):
 def load_model_checkpoint(path, weights="ema"):
     """Rebuild a Diffusion from one of our checkpoints alone; `weights` is "ema" or "model"."""
     state = load_checkpoint(path)
+    if weights not in state and "ema" in state:
+        raise Hw2Error(f"{path} holds the EMA weights only (a release from hw2_release.py): it samples with "
+                       f"p1_inference.py but cannot resume training; resume from the full training checkpoint")
     try:
         config = P1Config.from_dict(state["config"])
         diffusion = Diffusion(config)
@@ -248,6 +252,7 @@ def training_data(args, settings, rank, world_size):
 
 def train(args, config, settings, device, rank, world_size, resume_state=None):
     images, digits, dataset_ids = training_data(args, settings, rank, world_size)
+    fingerprint = data_fingerprint(images, digits, dataset_ids) if rank == 0 else None  # saved with the weights
     steps_per_epoch = len(epoch_order(settings.seed, 0, len(images), rank, world_size)) // settings.batch_size
     if steps_per_epoch == 0:
         raise Hw2Error(f"--batch-size {settings.batch_size} is larger than this process's share of the "
@@ -306,7 +311,7 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
                 "config": config.to_dict(), "train": asdict(settings), "model": diffusion.net.state_dict(),
                 "ema": ema.net.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": done,
-                "step": step, "rng": states})
+                "step": step, "rng": states, "preset": args.preset, "data_fingerprint": fingerprint})
     return diffusion, ema
 
 
@@ -320,10 +325,11 @@ def main(argv=None):
         _, resume_state = load_model_checkpoint(args.resume, weights="model")
         config = P1Config.from_dict(resume_state["config"])
         settings = TrainSettings(**resume_state["train"])
+        args.preset = resume_state.get("preset")  # None in checkpoints written before it was recorded
         if rank == 0:
             print(f"Resuming {args.resume} after epoch {resume_state['epoch']} with its saved config and settings.")
     else:
-        name = args.preset or ("toy" if toy else "full")
+        name = args.preset = args.preset or ("toy" if toy else "full")
         overrides = {key: getattr(args, key) for key in ("schedule", "prediction", "dropout")
                      if getattr(args, key) is not None}
         config = preset(name, **overrides)

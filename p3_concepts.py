@@ -5,12 +5,15 @@ Textual inversion (p3_textual_inversion.py) and Custom Diffusion (p3_custom_diff
 - train on random crops of those photos with a prompt template around a new token (`sample_batch`),
 - add that token to CLIP's tokenizer and start its embedding at a known word (`add_placeholder_tokens`),
 - and write the grader's layout OUT_DIR/{concept}/{prompt}/source{c}_prompt{p}_{i}.png, 25 images per prompt
-  folder, each folder written atomically (`output_jobs`, `generate_folders`).
+  folder, each folder's images written in full before they replace the earlier ones, the folder's other files
+  (the course's put_your_25_images_here.txt) left as they are (`output_jobs`, `generate_folders`).
 What only training needs (precision, the diffusion loss, resume state) is in p3_training.py.
 """
 
 import json
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +28,6 @@ from sd_v1 import default_model, load_sd_pipeline
 from utils import (
     Hw2Error,
     announce_toy_world,
-    atomic_dir,
     atomic_write_bytes,
     atomic_write_text,
     get_device,
@@ -269,25 +271,49 @@ def output_jobs(data, out_dir, free_prompts):
             for c, (concept, entry) in enumerate(data.items()) for p, prompt in enumerate(entry["prompt"])]
 
 
+def own_images(stem):
+    """The names of the images a prompt folder's job writes: {stem}_0.png, {stem}_1.png, ..."""
+    return re.compile(re.escape(stem) + r"_\d+\.png")
+
+
 def check_destination(folder, stem):
-    """An existing prompt folder may be replaced only when it holds nothing but our own earlier images."""
-    ours = re.compile(re.escape(stem) + r"_\d+\.png|prompt\.txt")
-    if folder.exists():
-        strays = [p.name for p in folder.iterdir() if not ours.fullmatch(p.name)] if folder.is_dir() else [""]
+    """A prompt folder may hold our own earlier images, which are replaced, and files that are not images, which
+    stay untouched (the course's output_folder_example has put_your_25_images_here.txt in each). Any other image is
+    refused: the grader would read it as one of ours."""
+    if folder.exists() and not folder.is_dir():
+        raise Hw2Error(f"{folder} is a file, not a prompt folder: pass another OUT_DIR or move it away")
+    if folder.is_dir():
+        ours = own_images(stem)
+        strays = [p.name for p in sorted(folder.iterdir())
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not ours.fullmatch(p.name)]
         if strays:
-            raise Hw2Error(f"{folder} exists and holds other files ({', '.join(strays[:3])}); "
-                           f"pass another OUT_DIR or move them away")
+            raise Hw2Error(f"{folder} holds images this script did not write ({', '.join(strays[:3])}); the grader "
+                           f"reads every image there: pass another OUT_DIR or move them away")
+
+
+def install_files(source, folder, ours):
+    """Move every file of `source` into `folder` (created if missing), each with one atomic rename, then delete the
+    images matching `ours` that the new set did not replace. Other files in `folder` stay untouched."""
+    folder.mkdir(exist_ok=True)
+    new = sorted(p.name for p in source.iterdir())
+    for name in new:
+        os.replace(source / name, folder / name)
+    for path in folder.iterdir():
+        if ours.fullmatch(path.name) and path.name not in new:
+            path.unlink()
 
 
 def generate_folders(pipe, jobs, args):
-    """Write args.num_images images per job (see `output_jobs`), each folder atomically; returns the count.
+    """Write args.num_images images per job (see `output_jobs`) into its folder; returns the count.
 
     `args` carries the sampling options added by `add_generation_arguments`."""
     progress = tqdm(total=len(jobs) * args.num_images, desc="generate", unit="img")
     for folder, stem, prompt, index in jobs:
-        # the prompt's images go to a temp folder that replaces `folder` (our own earlier images only, see
-        # check_destination) once all are written
-        with atomic_dir(folder) as tmp:
+        # All of a prompt's images are written in a temp folder beside `folder` first: a failure on the way leaves
+        # the earlier images as they were. Only then do they replace them (see install_files).
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.partial.") as tmp:
+            tmp = Path(tmp)
             for first in range(0, args.num_images, args.batch_size):
                 batch = range(first, min(first + args.batch_size, args.num_images))
                 images = sample_images(pipe, prompt, [image_seed(args.seed, *index, i) for i in batch], args.steps,
@@ -297,6 +323,7 @@ def generate_folders(pipe, jobs, args):
                 progress.update(len(batch))
             if args.prompt:  # a free prompt's folder records its prompt; the grader's folders hold images only
                 atomic_write_text(tmp / "prompt.txt", prompt + "\n")
+            install_files(tmp, folder, own_images(stem))
     progress.close()
     return len(jobs) * args.num_images
 

@@ -257,15 +257,16 @@ def _unflatten(node, tensors):
     return node
 
 
-def save_checkpoint(path, state):
+def save_checkpoint(path, state, metadata=None):
     """Atomically write `state` (nested dicts/lists of tensors, numbers, strings) as one safetensors file.
 
     Tensors go in the safetensors body; the structure and every other value go in its JSON header metadata,
-    so nothing is pickled and the file can be inspected with any safetensors reader.
+    so nothing is pickled and the file can be inspected with any safetensors reader. `metadata` ({str: str})
+    adds header entries of its own, which such readers show as they are.
     """
     tensors = {}
     skeleton = _flatten(state, "state", tensors)
-    data = safetensors_save(tensors, metadata={_METADATA_KEY: json.dumps(skeleton)})
+    data = safetensors_save(tensors, metadata={**(metadata or {}), _METADATA_KEY: json.dumps(skeleton)})
     atomic_write_bytes(path, data)
 
 

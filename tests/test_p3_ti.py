@@ -297,6 +297,60 @@ def test_generate_writes_the_graders_layout(ti_dir, random_embeds, tmp_path):
         assert image.size == (32, 32) and image.mode == "RGB"
 
 
+def test_generate_fills_the_courses_output_folder_and_loses_nothing(ti_dir, random_embeds, tmp_path, monkeypatch):
+    """The course grades with --output_dir output_folder_example, whose prompt folders each hold
+    put_your_25_images_here.txt: it stays untouched (same inode, bytes and time). A rerun replaces our own earlier
+    images, surplus ones included; a failure half-way and a folder holding someone else's image change nothing."""
+    out = tmp_path / "output_folder_example"
+    folders = [out / c / str(p) for c, entry in json.loads((ti_dir / "input.json").read_text()).items()
+               for p in range(len(entry["prompt"]))]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        (folder / "put_your_25_images_here.txt").write_text("")
+
+    def run(count, seed):
+        ti.main(["generate", str(ti_dir / "input.json"), str(out), "--embeds", str(random_embeds), "--steps", "1",
+                 "--num-images", str(count), "--batch-size", "1", "--seed", str(seed), "--device", "cpu"])
+
+    def contents():
+        return {path.relative_to(tmp_path).as_posix(): (path.stat().st_ino, path.stat().st_mtime_ns, path.read_bytes())
+                for path in tmp_path.rglob("*") if path.is_file()}
+
+    placeholders = {name: value for name, value in contents().items() if name.endswith(".txt")}
+    run(3, seed=0)
+    first = contents()
+    run(2, seed=1)
+    second = contents()
+    for folder in folders:
+        stem = f"source{folder.parent.name}_prompt{folder.name}"
+        assert sorted(p.name for p in folder.iterdir()) == sorted([f"{stem}_0.png", f"{stem}_1.png",
+                                                                    "put_your_25_images_here.txt"])
+        name = (folder / f"{stem}_0.png").relative_to(tmp_path).as_posix()
+        assert first[name][2] != second[name][2], f"{name} was not replaced"
+    assert {name: value for name, value in second.items() if name.endswith(".txt")} == placeholders
+
+    calls = []
+
+    def failing(*args, **kwargs):  # the second image of the first folder fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    real = concepts.sample_images
+    monkeypatch.setattr(concepts, "sample_images", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(2, seed=2)
+    monkeypatch.undo()
+    assert contents() == second, "a failed run changed the output folders"
+    assert not list(out.rglob(".*")), "a failed run left its temp folder"
+
+    (folders[-1] / "mine.jpg").write_bytes(b"someone else's image")
+    with pytest.raises(Hw2Error, match="mine.jpg"):
+        run(2, seed=3)
+    assert {k: v for k, v in contents().items() if not k.endswith("mine.jpg")} == second
+
+
 def test_a_prompt_with_two_learned_tokens_runs_reproducibly(ti_dir, random_embeds, tmp_path):
     prompt = "A <new1> next to a cat in the style of <new2>"
     for name, batch_size in (("first", "2"), ("again", "1")):

@@ -2,7 +2,8 @@
 swapped in whole (fed by a stand-in gdown that copies a local zip); --toy builds or refuses like toy_data.py.
 
 The network is never used: the reachability probe is pointed at a closed local port, or skipped while a
-stand-in `gdown` earlier on PATH serves the archive."""
+stand-in `gdown` earlier on PATH serves the archive. The data tests pass --data-only, so that a committed
+hw2_release.json (whose weights nothing here serves) changes none of them."""
 
 import os
 import subprocess
@@ -76,14 +77,14 @@ def work(tmp_path):
 
 
 def test_offline_fails_clearly_and_leaves_nothing(work):
-    result = run([], work, HW2_NET_CHECK_URL=CLOSED_PORT_URL)
+    result = run(["--data-only"], work, HW2_NET_CHECK_URL=CLOSED_PORT_URL)
     assert_one_error_line(result, "cannot reach", "--toy")
     assert listing(work) == []
 
 
 def test_failed_download_leaves_nothing(work, fake_gdown):
     make_archive(fake_gdown["FAKE_ARCHIVE"])
-    result = run([], work, **fake_gdown, FAKE_FAIL="1")
+    result = run(["--data-only"], work, **fake_gdown, FAKE_FAIL="1")
     assert_one_error_line(result, "downloading the course archive failed")
     assert listing(work) == []
 
@@ -91,7 +92,7 @@ def test_failed_download_leaves_nothing(work, fake_gdown):
 @pytest.mark.parametrize("top", ["hw2_data/", ""])
 def test_download_extracts_checks_and_moves(work, fake_gdown, top):
     make_archive(fake_gdown["FAKE_ARCHIVE"], top=top)
-    result = run(["--out", "data/hw2_data"], work, **fake_gdown)
+    result = run(["--data-only", "--out", "data/hw2_data"], work, **fake_gdown)
     assert result.returncode == 0, result.stderr
     assert listing(work / "data") == sorted(["hw2_data", "hw2_data/digits"] + [f"hw2_data/{p}" for p in PARTS]
                                             + [f"hw2_data/{p}/file.txt" for p in PARTS])
@@ -99,11 +100,11 @@ def test_download_extracts_checks_and_moves(work, fake_gdown, top):
 
 def test_incomplete_or_corrupt_archive_is_refused(work, fake_gdown):
     make_archive(fake_gdown["FAKE_ARCHIVE"], parts=PARTS[:-1])
-    assert_one_error_line(run([], work, **fake_gdown), "lacks clip_zeroshot")
+    assert_one_error_line(run(["--data-only"], work, **fake_gdown), "lacks clip_zeroshot")
     assert listing(work) == []
     with open(fake_gdown["FAKE_ARCHIVE"], "wb") as f:
         f.write(b"PK\x03\x04 not really a zip")
-    assert_one_error_line(run([], work, **fake_gdown), "cannot extract")
+    assert_one_error_line(run(["--data-only"], work, **fake_gdown), "cannot extract")
     assert listing(work) == []
 
 
@@ -115,12 +116,12 @@ def test_complete_data_is_kept_and_force_replaces_it_only_when_complete(work, fa
     (existing / "face" / "mine.txt").write_text("keep me")
     before = listing(work)
 
-    result = run([], work, **fake_gdown, FAKE_FAIL="1")  # a complete tree is not even downloaded again
+    result = run(["--data-only"], work, **fake_gdown, FAKE_FAIL="1")  # a complete tree is not even downloaded again
     assert result.returncode == 0 and "already complete" in result.stdout
-    assert_one_error_line(run(["--force"], work, **fake_gdown, FAKE_FAIL="1"), "failed")
+    assert_one_error_line(run(["--data-only", "--force"], work, **fake_gdown, FAKE_FAIL="1"), "failed")
     assert listing(work) == before and (existing / "face" / "mine.txt").read_text() == "keep me"
 
-    result = run(["--force"], work, **fake_gdown)
+    result = run(["--data-only", "--force"], work, **fake_gdown)
     assert result.returncode == 0, result.stderr
     assert not (existing / "face" / "mine.txt").exists() and (existing / "face" / "file.txt").is_file()
     assert sorted(p.name for p in work.iterdir()) == ["hw2_data"]
@@ -129,7 +130,7 @@ def test_complete_data_is_kept_and_force_replaces_it_only_when_complete(work, fa
 def test_incomplete_data_needs_force(work, fake_gdown):
     make_archive(fake_gdown["FAKE_ARCHIVE"])
     (work / "hw2_data" / "face").mkdir(parents=True)
-    assert_one_error_line(run([], work, **fake_gdown), "lacks digits/mnistm", "--force")
+    assert_one_error_line(run(["--data-only"], work, **fake_gdown), "lacks digits/mnistm", "--force")
     assert listing(work) == ["hw2_data", "hw2_data/face"]
 
 
@@ -137,7 +138,7 @@ def test_a_toy_world_is_replaced_by_the_download(work, fake_gdown):
     make_archive(fake_gdown["FAKE_ARCHIVE"])
     (work / "hw2_data").mkdir()
     (work / "hw2_data" / TOY_MARKER).write_text("{}")
-    result = run([], work, **fake_gdown)
+    result = run(["--data-only"], work, **fake_gdown)
     assert result.returncode == 0, result.stderr
     assert not (work / "hw2_data" / TOY_MARKER).exists() and (work / "hw2_data" / "face" / "file.txt").is_file()
 

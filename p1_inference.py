@@ -5,7 +5,8 @@
 
 Writes OUT_DIR/mnistm/ and OUT_DIR/svhn/, each with exactly 500 28x28 RGB PNGs named {digit}_{index:03d}.png
 (index 001..050): the grader reads the label from the first character and every file in the folder as an image.
-All 1,000 images are sampled in batches, then written; a folder that holds other files is refused, never cleaned.
+All 1,000 images are sampled in batches, in full fp32 unless `--autocast`, then written; a folder that holds other
+files is refused, never cleaned.
 `--figures DIR` also writes per dataset the 10x10 grid (row = digit, column = noise) and the reverse process of
 the first "0" (six snapshots from x_T to x_0, labelled with t).
 """
@@ -23,6 +24,7 @@ from p1_model import DATASETS, NUM_DIGITS
 from p1_train import DEFAULT_OUT, load_model_checkpoint
 from utils import (
     Hw2Error,
+    amp_dtype,
     autocast,
     ensure_writable_dir,
     get_device,
@@ -86,7 +88,9 @@ def generate(diffusion, args, device, per_digit=PER_DIGIT, keep_rows=()):
     """The images of `sample_plan(per_digit)` in [-1, 1], row by row, and for each row in `keep_rows` the
     reverse-process snapshots [(t, x_t)] at evenly spaced positions of the sampler's sequence.
 
-    `args` carries sampler, steps, eta, guidance, seed and batch_size (this script's flags)."""
+    `args` carries sampler, steps, eta, guidance, seed and batch_size (this script's flags), and may carry
+    autocast: True samples under the device's autocast (`utils.autocast` with native CPU bf16); without it, or
+    False, sampling runs in full fp32, the network included."""
     plan = sample_plan(per_digit)
     digit = torch.tensor([p[1] for p in plan], device=device)
     dataset = torch.tensor([p[0] for p in plan], device=device)
@@ -99,7 +103,7 @@ def generate(diffusion, args, device, per_digit=PER_DIGIT, keep_rows=()):
     bar = tqdm(total=len(plan) * (num_states - 1), desc=f"sampling ({args.sampler})", unit="img-step")
     for start in range(0, len(plan), args.batch_size):
         rows = slice(start, start + args.batch_size)
-        with autocast(device):
+        with autocast(device, enabled=getattr(args, "autocast", False), cpu_bf16=True):
             states = diffusion.sample(x_T[rows], digit[rows], dataset[rows], w=args.guidance,
                                       sampler=args.sampler, steps=args.steps, eta=args.eta, generator=generators[rows])
             for position, (t, x) in enumerate(states):
@@ -150,8 +154,9 @@ def main(argv=None):
     device = get_device(args.device)
     diffusion = diffusion.to(device).eval()
     steps = "" if args.sampler == "ddpm" else f" {args.steps} steps, eta {args.eta},"
+    dtype = amp_dtype(device, cpu_bf16=True) if args.autocast else None
     print(f"P1 sampling from {ckpt} (epoch {state.get('epoch')}): {args.sampler},{steps} guidance w = "
-          f"{args.guidance}, seed {args.seed}, on {device}")
+          f"{args.guidance}, seed {args.seed}, on {device} in {'autocast ' + str(dtype)[6:] if dtype else 'fp32'}")
     start = time.perf_counter()
     plan = sample_plan()
     keep = [d * NUM_DIGITS * PER_DIGIT for d in range(len(DATASETS))] if args.figures else []
@@ -185,6 +190,10 @@ def build_parser():
                         help="Images sampled at once; the images do not depend on it.")
     parser.add_argument("--figures", type=str, default=None,
                         help="Also write the report's P1 figures (10x10 grids, reverse processes) into this folder.")
+    parser.add_argument("--autocast", action="store_true",
+                        help="Run the network under autocast (bf16 on GPUs and CPUs with native bf16, fp16 on older "
+                             "GPUs) instead of full fp32; faster on a GPU, and guidance then combines reduced-"
+                             "precision outputs (BENCHMARKS.md compares the two).")
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps; default: the best.")
     return parser
 

@@ -6,16 +6,20 @@
 
 Data: the union of `digits/mnistm` and `digits/svhn` (train.csv, header image_name,label), each sample an image
 in [-1, 1], its digit and its dataset id (0 = mnistm, 1 = svhn). No flips: digits are not mirror-symmetric.
-The images are decoded once into a uint8 cache under `--out`/cache that every rank memory-maps (p1_data.py);
-batches are gathered from it (no DataLoader workers). The default paths are relative to this file's folder.
+The images are decoded once into a uint8 cache under `--out`/cache that every rank memory-maps (p1_data.py). On a
+GPU with room for them (the real sets are ~320 MB as uint8) they are copied there once and batches are gathered
+on the GPU; otherwise batches are gathered from the cache on the CPU (no DataLoader workers either way). The
+default paths are relative to this file's folder. An existing checkpoint in `--out` is never replaced unless
+`--resume` or `--overwrite` says so.
 
 Each epoch ends with an atomic checkpoint (model, EMA, optimizer, LR schedule, grad scaler, epoch/step, every
 rank's random states, config, preset name, fingerprint of the training data), so a kill loses at most the current
 epoch and `--resume` continues exactly: the data order and the diffusion noise of an epoch are functions of (seed,
-epoch, rank) only, and each rank gets its own dropout stream back (on GPUs with `--deterministic` kernels). Samples
-come from the EMA weights. The loss runs under bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing)
-and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere; it is read back to the host every LOG_EVERY
-steps only.
+epoch, rank) only, and each rank gets its own dropout stream back (on GPUs with `--deterministic` kernels). The
+learning rate is a function of the progress through the planned epochs, so a run resumed on another number of GPUs
+goes on along the same curve. Samples come from the EMA weights. The loss runs under bf16 autocast on GPUs with
+native bf16 (compute capability 8.0 on) and on CPUs with native bf16 (AVX512-BF16 or AMX), fp16 + loss scaling on
+older GPUs, fp32 elsewhere; it is read back to the host every LOG_EVERY steps only.
 """
 
 import argparse
@@ -58,6 +62,7 @@ DEFAULT_OUT = REPO / "checkpoints" / "p1"  # beside the code, so that the script
 CHECKPOINT_NAME = "ddpm.safetensors"
 GRID_SAMPLER = dict(sampler="ddim", steps=10)  # quick look at progress; p1_inference.py samples properly
 LOG_EVERY = 20  # steps between progress-bar updates: reading the loss back forces a GPU sync, so not every step
+DEVICE_DATA_SHARE = 0.25  # the uint8 training images go to the GPU if they take at most this share of its free memory
 
 
 @dataclass(frozen=True)
@@ -109,18 +114,23 @@ def lr_factor(step, warmup_steps, total_steps):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, for every parameter (buffers are copied)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, for every parameter in one fused call (buffers are copied)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
 
-def build_optimization(diffusion, settings, total_steps, device):
-    """AdamW, its warm-up + cosine LR schedule over `total_steps`, and a grad scaler (active for fp16 only)."""
+def build_optimization(diffusion, settings, total_steps, device, planned_steps=None):
+    """AdamW, its warm-up + cosine LR schedule, and a grad scaler (active for fp16 only).
+
+    The schedule is `lr_factor` over the `planned_steps` of the run as first planned (default `total_steps`), read
+    at the progress step / `total_steps` through this run's own `total_steps`: a run resumed with another number of
+    processes, hence another number of steps per epoch, stays on the planned curve.
+    """
+    planned_steps = planned_steps or total_steps
     optimizer = torch.optim.AdamW(diffusion.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, settings.warmup_steps, total_steps))
+        optimizer, lambda step: lr_factor(step * planned_steps / total_steps, settings.warmup_steps, planned_steps))
     return optimizer, scheduler, make_grad_scaler(device)
 
 
@@ -250,6 +260,26 @@ def training_data(args, settings, rank, world_size):
     return data or load_split(args.data, "train", settings.limit, cache)
 
 
+def fits_on_device(nbytes, device):
+    """Whether `nbytes` of training data should live on `device`: on a GPU when they take at most DEVICE_DATA_SHARE
+    of its free memory; never elsewhere (on the CPU the memory-mapped cache is already where batches are made)."""
+    if torch.device(device).type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= DEVICE_DATA_SHARE * free
+
+
+def training_batch(data, order, step, batch_size, device):
+    """Batch `step` of an epoch's `order` from `data` = (uint8 images, digits, dataset ids), on `device`.
+
+    With `data` and `order` already on the GPU the gather runs there and nothing crosses the bus; with them on the
+    CPU the batch is gathered from the memory-mapped cache and copied over."""
+    idx = order[step * batch_size:(step + 1) * batch_size]
+    images, digits, dataset_ids = data
+    return (to_model_range(images[idx].to(device, non_blocking=True)), digits[idx].to(device),
+            dataset_ids[idx].to(device))
+
+
 def train(args, config, settings, device, rank, world_size, resume_state=None):
     images, digits, dataset_ids = training_data(args, settings, rank, world_size)
     fingerprint = data_fingerprint(images, digits, dataset_ids) if rank == 0 else None  # saved with the weights
@@ -257,6 +287,8 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
     if steps_per_epoch == 0:
         raise Hw2Error(f"--batch-size {settings.batch_size} is larger than this process's share of the "
                        f"{len(images)} training images: lower --batch-size")
+    data_device = device if fits_on_device(images.numel(), device) else torch.device("cpu")
+    data = tuple(array.to(data_device) for array in (images, digits, dataset_ids))  # once, not every step
 
     # the same initial weights on every rank (DDP would broadcast rank 0's anyway), then a dropout stream per rank
     seed_everything(settings.seed, deterministic=args.deterministic)
@@ -264,7 +296,10 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
     ema = copy.deepcopy(diffusion).requires_grad_(False)
     seed_everything(settings.seed + rank)
     net = DistributedDataParallel(diffusion.net) if world_size > 1 else diffusion.net
-    optimization = build_optimization(diffusion, settings, settings.epochs * steps_per_epoch, device)
+    total_steps = settings.epochs * steps_per_epoch
+    # the plan in the steps of the run that started it (checkpoints written before it was kept: this run's)
+    planned_steps = resume_state.get("planned_steps", total_steps) if resume_state is not None else total_steps
+    optimization = build_optimization(diffusion, settings, total_steps, device, planned_steps)
     optimizer, scheduler, scaler = optimization
     start_epoch, step = 0, 0
     if resume_state is not None:
@@ -274,24 +309,23 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
         scheduler.load_state_dict(resume_state["lr_scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
         start_epoch, step = resume_state["epoch"], resume_state["step"]
+        scheduler.last_epoch = start_epoch * steps_per_epoch  # in this run's steps, whatever the saved run's were
         restore_rng_states(resume_state["rng"], device, rank, world_size, settings.seed, start_epoch)
     out = Path(args.out)
     if rank == 0:
         print(f"P1 training: {len(images)} images, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M "
               f"parameters, {world_size} process(es) on {device}, epochs {start_epoch + 1}..{settings.epochs}, "
-              f"{steps_per_epoch} steps/epoch, checkpoint {out / CHECKPOINT_NAME}")
+              f"{steps_per_epoch} steps/epoch, batches gathered on {data_device}, checkpoint {out / CHECKPOINT_NAME}")
 
     for epoch in range(start_epoch, min(settings.epochs, args.stop_after or settings.epochs)):
-        order = epoch_order(settings.seed, epoch, len(images), rank, world_size)
+        order = epoch_order(settings.seed, epoch, len(images), rank, world_size).to(data_device)
         # the diffusion noise of this epoch depends on (seed, epoch, rank) only, so a resumed run redraws it exactly
         noise_gen = torch.Generator(device).manual_seed((settings.seed * 1_000_003 + epoch) * 64 + rank)
         diffusion.train()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{settings.epochs}", disable=rank != 0)
         loss_sum, logged, start = torch.zeros((), device=device), 0, time.perf_counter()
         for i in bar:
-            idx = order[i * settings.batch_size:(i + 1) * settings.batch_size]
-            batch = (to_model_range(images[idx]).to(device, non_blocking=True), digits[idx].to(device),
-                     dataset_ids[idx].to(device))
+            batch = training_batch(data, order, i, settings.batch_size, device)
             loss_sum += train_step(net, diffusion, ema, optimization, batch, settings, noise_gen)
             step += 1
             if (i + 1) % LOG_EVERY == 0 or i + 1 == steps_per_epoch:
@@ -311,7 +345,8 @@ def train(args, config, settings, device, rank, world_size, resume_state=None):
                 "config": config.to_dict(), "train": asdict(settings), "model": diffusion.net.state_dict(),
                 "ema": ema.net.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": done,
-                "step": step, "rng": states, "preset": args.preset, "data_fingerprint": fingerprint})
+                "step": step, "planned_steps": planned_steps, "rng": states, "preset": args.preset,
+                "data_fingerprint": fingerprint})
     return diffusion, ema
 
 
@@ -320,6 +355,10 @@ def main(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     toy = announce_toy_world(args.data) if rank == 0 else find_toy_root(args.data) is not None
+    checkpoint = Path(args.out) / CHECKPOINT_NAME
+    if args.resume is None and not args.overwrite and checkpoint.exists():
+        raise Hw2Error(f"{checkpoint} already holds a trained model: continue it with --resume {checkpoint}, replace "
+                       f"it with --overwrite, or pass another --out")
     resume_state = None
     if args.resume is not None:
         _, resume_state = load_model_checkpoint(args.resume, weights="model")
@@ -389,7 +428,11 @@ def build_parser():
     parser.add_argument("--resume", type=str, default=None,
                         help="Checkpoint to continue from, with its saved config and settings (the other "
                              "training flags are then ignored).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Start a new run although --out already holds a checkpoint, which the new run's first "
+                             "epoch then replaces; without it (or --resume) such a run is refused.")
     parser.add_argument("--stop-after", type=int, default=0,
+
                         help="Stop after this epoch although the learning-rate schedule spans --epochs (e.g. to fit "
                              "a job time limit); continue later with --resume. 0 = run to the end.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for initialisation, data order and noise.")

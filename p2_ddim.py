@@ -8,7 +8,10 @@ Reads NOISE_DIR/00.pt, 01.pt, ... (each 1x3xHxW, H and W divisible by 32) in tha
 al., "Denoising Diffusion Implicit Models", 2021) with the course's schedule, and writes OUT_DIR/00.png, ...
 Each image is normalised to its own min..max and rounded like torchvision's `save_image`, which is how the
 course saved its ground truth (`--postprocess clamp` maps (x + 1) / 2 and clamps instead).
-`--gt GT_DIR` prints each image's MSE against GT_DIR/NN.png on the 0-255 scale and their mean;
+`--gt GT_DIR` prints each image's MSE against GT_DIR/NN.png on the 0-255 scale and their mean, then the mean under
+each convention, x0 clipped or not (`--clip-x0`, the default, or `--no-clip-x0`) by `--postprocess`, marking the
+one in use, so that the real ground truth tells which one the course used (this samples a second time, with the
+other clipping);
 `--figures DIR` also writes DIR/eta_grid.png (rows eta = 0, 0.25, 0.5, 0.75, 1; columns noises 00..03).
 Every input is checked before anything is written: a bad file stops the run with one line and exit status 1.
 
@@ -80,12 +83,13 @@ def predict_x0(x_t, eps, alpha_bar_t):
 
 
 @torch.no_grad()
-def ddim_sample_progressive(model, x_T, num_steps=DEFAULT_STEPS, eta=0.0, generator=None):
+def ddim_sample_progressive(model, x_T, num_steps=DEFAULT_STEPS, eta=0.0, generator=None, clip_x0=True):
     """Run DDIM from x_T (N x 3 x H x W), yielding (t, x_{t_prev}, x0_pred) after each step, t = 981 ... 1.
 
-    As the course does: x0_pred is clamped to [-1, 1], eps stays the model's unclamped prediction, and the step
-    after the last timestep goes to alpha_bar[0], not to 1 (diffusers' set_alpha_to_one=False). `model(x_t, t)`
-    predicts eps for a batch of timesteps and may run under autocast; the DDIM arithmetic is kept in float32.
+    As the course does: x0_pred is clamped to [-1, 1] (`clip_x0`, diffusers' clip_sample), eps stays the model's
+    unclamped prediction, and the step after the last timestep goes to alpha_bar[0], not to 1 (diffusers'
+    set_alpha_to_one=False). `model(x_t, t)` predicts eps for a batch of timesteps and may run under autocast; the
+    DDIM arithmetic is kept in float32.
     Noise for eta > 0 is drawn with `generator` (None, one, or one per image: see `utils.standard_normal`).
     """
     alpha_bar = linear_alpha_bar()
@@ -94,16 +98,17 @@ def ddim_sample_progressive(model, x_T, num_steps=DEFAULT_STEPS, eta=0.0, genera
     for t, t_prev in zip(sequence, sequence[1:] + [0]):  # after t = 1 comes alpha_bar[0], not 1
         eps = model(x_t, torch.full((x_t.shape[0],), float(t), device=x_t.device)).float()
         alpha_bar_t = float(alpha_bar[t])
-        x0_pred = predict_x0(x_t, eps, alpha_bar_t).clamp(-1, 1)
+        x0_pred = predict_x0(x_t, eps, alpha_bar_t)
+        x0_pred = x0_pred.clamp(-1, 1) if clip_x0 else x0_pred
         noise = standard_normal(x_t.shape, generator, x_t.device) if eta > 0 else None
         x_t = ddim_step(x0_pred, eps, alpha_bar_t, float(alpha_bar[t_prev]), eta, noise)
         yield t, x_t, x0_pred
 
 
-def ddim_sample(model, x_T, num_steps=DEFAULT_STEPS, eta=0.0, generator=None):
+def ddim_sample(model, x_T, num_steps=DEFAULT_STEPS, eta=0.0, generator=None, clip_x0=True):
     """x_0 sampled by DDIM from x_T (N x 3 x H x W); see `ddim_sample_progressive`."""
     x_t = x_T.float()
-    for _, x_t, _ in ddim_sample_progressive(model, x_T, num_steps, eta, generator):
+    for _, x_t, _ in ddim_sample_progressive(model, x_T, num_steps, eta, generator, clip_x0):
         pass
     return x_t
 
@@ -132,7 +137,7 @@ def precision_context(device, precision):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def sample_all(model, noises, num_steps, eta, seed, batch_size, device, precision, desc="DDIM"):
+def sample_all(model, noises, num_steps, eta, seed, batch_size, device, precision, desc="DDIM", clip_x0=True):
     """Sample every noise (N x 3 x H x W) in batches; returns the N x 3 x H x W x_0 on the CPU."""
     generators = image_generators(seed, len(noises), device)
     samples = []
@@ -141,7 +146,7 @@ def sample_all(model, noises, num_steps, eta, seed, batch_size, device, precisio
             x_T = noises[start:start + batch_size].to(device)
             with precision_context(device, precision):
                 for _, x_t, _ in ddim_sample_progressive(model, x_T, num_steps, eta,
-                                                         generators[start:start + batch_size]):
+                                                         generators[start:start + batch_size], clip_x0):
                     progress.update(1)
             samples.append(x_t.cpu())
     return torch.cat(samples)
@@ -167,6 +172,14 @@ def to_display(x, postprocess="minmax"):
 def mse_255(image, reference):
     """MSE between two uint8 images on the 0-255 scale, in float (uint8 subtraction would wrap around)."""
     return float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
+
+
+def mean_mse_by_convention(samples, ground_truth):
+    """{(clip_x0, postprocess): mean MSE (0-255 scale) against `ground_truth`} for `samples` = {clip_x0: N x 3 x H x
+    W samples}, under each post-processing of POSTPROCESS."""
+    return {(clip_x0, postprocess): float(np.mean([mse_255(ours, theirs) for ours, theirs in
+                                                   zip(to_uint8(to_display(x, postprocess)), ground_truth)]))
+            for clip_x0, x in samples.items() for postprocess in POSTPROCESS}
 
 
 # ------------------------------------------------------------------------------------- input checking
@@ -278,8 +291,9 @@ def main(argv=None):
 
     print(f"Sampling {len(noises)} images of {noises.shape[3]}x{noises.shape[2]} with DDIM, {args.steps} steps, "
           f"eta = {args.eta}, on {device} ({args.precision}).")
-    images = to_display(sample_all(model, noises, args.steps, args.eta, args.seed, args.batch_size, device,
-                                   args.precision), args.postprocess)
+    samples = sample_all(model, noises, args.steps, args.eta, args.seed, args.batch_size, device, args.precision,
+                         clip_x0=args.clip_x0)
+    images = to_display(samples, args.postprocess)
     for name, image in zip(names, images):
         save_png(image, out_dir / f"{name}.png")
     print(f"Wrote {len(images)} images to {out_dir}.")
@@ -289,6 +303,14 @@ def main(argv=None):
         for name, error in zip(names, errors):
             print(f"{name}.png  MSE {error:.4f}")
         print(f"mean MSE over {len(errors)} images (0-255 scale): {np.mean(errors):.4f}")
+        other = sample_all(model, noises, args.steps, args.eta, args.seed, args.batch_size, device, args.precision,
+                           desc="DDIM, the other x0 clipping", clip_x0=not args.clip_x0)
+        means = mean_mse_by_convention({args.clip_x0: samples, not args.clip_x0: other}, ground_truth)
+        print("mean MSE (0-255 scale) under each convention:")
+        for (clip_x0, postprocess), mean in sorted(means.items(), key=lambda item: (not item[0][0], item[0][1])):
+            flags = f"{'--clip-x0' if clip_x0 else '--no-clip-x0'} --postprocess {postprocess}"
+            in_use = (clip_x0, postprocess) == (args.clip_x0, args.postprocess)
+            print(f"  {flags:<36} {mean:.4f}{'  <- in use' if in_use else ''}")
     if figures_dir is not None:
         save_pil(eta_grid(model, noises, args, device), figures_dir / "eta_grid.png")
         print(f"Wrote {figures_dir / 'eta_grid.png'}.")
@@ -317,8 +339,12 @@ def build_parser():
     parser.add_argument("--postprocess", choices=POSTPROCESS, default="minmax",
                         help="minmax: normalise each image to its own min..max like the course's ground truth; "
                              "clamp: (x + 1) / 2 clamped to [0, 1] (default: minmax).")
+    parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
+                        help="Clamp each step's predicted x_0 to [-1, 1], as the course's sampler does (diffusers' "
+                             "clip_sample); --no-clip-x0 leaves it as predicted (default: clip).")
     parser.add_argument("--device", type=str, default=None,
                         help="Device to run on (cpu, cuda, cuda:N, mps); the best available one by default.")
+
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="fp32, or fp16/bf16 autocast for the UNet (CUDA only; refused on other devices) "
                              "(default: fp32).")

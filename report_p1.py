@@ -22,7 +22,7 @@ def p1_checkpoint(context):
         folder = context.out / "p1" / "quick_checkpoint"
         context.say(f"P1: training a short toy checkpoint into {folder} (--quick on a toy world).")
         p1_train.main(["--data", str(context.data / "digits"), "--out", str(folder), *context.settings.p1_train,
-                       *context.seed_flag(), *context.device_flag()])
+                       *context.seed_flag(), *context.device_flag(), "--overwrite"])  # the report's own scratch model
         return folder / p1_train.CHECKPOINT_NAME
     try:
         return p1_inference.find_latest_checkpoint(p1_train.DEFAULT_OUT)

@@ -70,12 +70,20 @@ def cpu_has_native_bf16():
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def cuda_has_native_bf16():
+    """Whether the current GPU computes bf16 in hardware (compute capability 8.0 on, Ampere and later).
+
+    torch.cuda.is_bf16_supported() counts emulation by default and says True on a T4, V100 or RTX 20xx, where
+    cuDNN has no bf16 convolutions: emulated, they are slow or fail."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def amp_dtype(device, cpu_bf16=False):
-    """The autocast dtype for `device`: bf16 on CUDA when supported, else fp16; on a CPU with native bf16 and
-    `cpu_bf16`, bf16; None (no autocast) elsewhere."""
+    """The autocast dtype for `device`: bf16 on a GPU with native bf16, else fp16 (with a GradScaler: see
+    `make_grad_scaler`); on a CPU with native bf16 and `cpu_bf16`, bf16; None (no autocast) elsewhere."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     if kind == "cpu" and cpu_bf16 and cpu_has_native_bf16():
         return torch.bfloat16
     return None

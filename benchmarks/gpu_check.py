@@ -6,11 +6,16 @@
 
 Sections, in order (each returns rows of measurement, value and verdict; a failing section is reported and the
 others still run):
-  p1_train      P1 full preset, batch 128: 300 optimizer steps of p1_train.train_step in bf16 autocast and in
-                fp16 autocast + GradScaler: images/s, peak GPU memory, last loss finite.
+  p1_train      The GPU's compute capability and the autocast dtype and loss scaling p1_train.py picks for it (bf16
+                from 8.0 on, else fp16 + GradScaler). P1 full preset, batch 128: 300 optimizer steps of
+                p1_train.train_step in bf16 autocast and in fp16 autocast + GradScaler: images/s, peak GPU memory,
+                last loss finite; then benchmarks/p1_train_bench.py's images/s with the former data path and EMA
+                (batches gathered on the CPU, one lerp_ per parameter) against p1_train.py's (data on the GPU,
+                one _foreach_lerp_), 100 steps each.
   p1_ddp        p1_train.py under torchrun on 2 GPUs (NCCL) when at least 2 are visible: exit status, identical
                 weights on both ranks, wall time.
-  p1_sample     DDIM-25 sampling of 1,000 guided images with p1_inference.generate: images/s.
+  p1_sample     DDIM-25 sampling of 1,000 guided images with p1_inference.generate, in full fp32 (the default)
+                and under --autocast: images/s of each, and how far the autocast images are from the fp32 ones.
   p1_resume     p1_train.py --deterministic on the GPU: 2 epochs straight against 1 epoch + --resume, bit for bit.
   p2_precision  The course-size face UNet (base 128, random weights plus toy_data.wire_noise_path's eps ~ x_t
                 path, so that DDIM is not chaotic), 10 noises at 256 px, 50 DDIM steps: time and MSE (0-255
@@ -54,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import p3_clip_zeroshot as zeroshot  # noqa: E402
+from benchmarks.p1_train_bench import compare as compare_data_paths  # noqa: E402
 from benchmarks.p2_bench import precision_comparison  # noqa: E402
 from benchmarks.p3_cd_bench import cd_train_worker  # noqa: E402
 from benchmarks.p3_ti_bench import generate_worker  # noqa: E402
@@ -74,7 +80,7 @@ from toy_data import (  # noqa: E402
     build_tiny_sd,
     wire_noise_path,
 )
-from utils import atomic_write_text, load_checkpoint  # noqa: E402
+from utils import amp_dtype, atomic_write_text, load_checkpoint, make_grad_scaler, to_uint8  # noqa: E402
 
 DEFAULT_OUT = REPO / "outputs" / "gpu_check"
 
@@ -87,6 +93,7 @@ class Scale:
     p1_overrides: dict
     train_batch: int
     train_steps: int
+    data_path_steps: int  # steps of each p1_train_bench variant
     sample_per_digit: int
     sample_steps: int
     data_per_set: int  # synthetic training images per digit set, for the p1_train.py runs
@@ -108,14 +115,15 @@ class Scale:
     clip_images: int
 
 
-GPU = Scale(p1_preset="full", p1_overrides={}, train_batch=128, train_steps=300, sample_per_digit=50,
-            sample_steps=25, data_per_set=512, run_batch=64, p2_base=128, p2_size=256, p2_noises=10, p2_steps=50,
+GPU = Scale(p1_preset="full", p1_overrides={}, train_batch=128, train_steps=300, data_path_steps=100,
+            sample_per_digit=50, sample_steps=25, data_per_set=512, run_batch=64, p2_base=128, p2_size=256,
+            p2_noises=10, p2_steps=50,
             p2_precisions=("fp32", "fp16", "bf16"), repeats=3, sd_model="sd14-config", sd_resolution=512,
             ti_batch=4, ti_steps=10, generate_steps=30, generate_batch=5, generate_repeats=2,
             clip_models=("ViT-B-32", "ViT-L-14"), clip_images=COURSE_IMAGES)
 SMOKE = Scale(p1_preset="toy", p1_overrides=dict(widths=(8, 16), embed_dim=16, attention_heads=2), train_batch=4,
-              train_steps=2, sample_per_digit=1, sample_steps=2, data_per_set=8, run_batch=4, p2_base=32, p2_size=32,
-              p2_noises=2, p2_steps=2, p2_precisions=("fp32",), repeats=1, sd_model="tiny",
+              train_steps=2, data_path_steps=2, sample_per_digit=1, sample_steps=2, data_per_set=8, run_batch=4,
+              p2_base=32, p2_size=32, p2_noises=2, p2_steps=2, p2_precisions=("fp32",), repeats=1, sd_model="tiny",
               sd_resolution=TINY_SD_RESOLUTION, ti_batch=2, ti_steps=1, generate_steps=2, generate_batch=2,
               generate_repeats=1, clip_models=("tiny",), clip_images=16)
 
@@ -171,9 +179,23 @@ def p1_run_flags(run, out):
 # ------------------------------------------------------------------------------------------------ sections
 
 
+def precision_rows(device):
+    """The device's compute capability and the autocast dtype and loss scaling that utils picks for it."""
+    dtype, scaler = amp_dtype(device), make_grad_scaler(device).is_enabled()
+    if device.type != "cuda":
+        return [row("autocast dtype", str(dtype), note="not a GPU: no autocast unless the CPU has native bf16")]
+    major, minor = torch.cuda.get_device_capability(device)
+    expected = torch.bfloat16 if major >= 8 else torch.float16
+    return [row("compute capability", f"{major}.{minor}"),
+            row("autocast dtype, GradScaler", f"{str(dtype)[6:]}, {'on' if scaler else 'off'}", "",
+                dtype == expected and scaler == (dtype == torch.float16), "bf16 from 8.0 on, else fp16 + GradScaler")]
+
+
 def p1_train_section(run):
-    """Optimizer steps of the P1 model in bf16 and in fp16 + GradScaler: images/s, peak memory, finite loss."""
-    scale, device, rows = run.scale, run.device, []
+    """Optimizer steps of the P1 model in bf16 and in fp16 + GradScaler: images/s, peak memory, finite loss; the
+    former data path and EMA against p1_train.py's."""
+    scale, device = run.scale, run.device
+    rows = precision_rows(device)
     config = p1_config(scale)
     settings = TrainSettings(**{**TRAIN_PRESETS[scale.p1_preset], "batch_size": scale.train_batch, "limit": 0,
                                 "seed": 0})
@@ -203,6 +225,13 @@ def p1_train_section(run):
                  row(f"{name}: peak memory", None if peak_memory_gb(device) is None else
                      round(peak_memory_gb(device), 2), "GiB"),
                  row(f"{name}: last loss", round(last, 4), "", math.isfinite(last))]
+    paths = compare_data_paths(config, settings, device, scale.data_path_steps, 64 * scale.train_batch)
+    for name, note in (("before", "batches gathered on the CPU, one lerp_ per parameter"),
+                       ("after", "data on the device once, one _foreach_lerp_ (p1_train.py)")):
+        rate, loss = paths[name]
+        ratio = f"; {rate / paths['before'][0]:.2f}x before" if name == "after" else ""
+        rows.append(row(f"data path and EMA {name}: {scale.data_path_steps} steps", round(rate, 1), "images/s",
+                        math.isfinite(loss), note + ratio))
     return rows
 
 
@@ -236,16 +265,22 @@ def p1_sample_section(run):
     scale = run.scale
     torch.manual_seed(0)
     diffusion = Diffusion(p1_config(scale)).to(run.device).eval()
-    settings = Namespace(sampler="ddim", steps=scale.sample_steps, eta=0.0, guidance=TRAIN_PRESETS[
-        scale.p1_preset]["guidance"], seed=0, batch_size=500)
-    count = len(sample_plan(scale.sample_per_digit))
-    synchronize(run.device)
-    start = time.perf_counter()
-    images, _ = generate(diffusion, settings, run.device, per_digit=scale.sample_per_digit)
-    synchronize(run.device)
-    seconds = time.perf_counter() - start
-    return [row(f"DDIM-{scale.sample_steps}, {count} images, w = {settings.guidance}", round(count / seconds, 1),
-                "images/s", bool(torch.isfinite(images).all()), f"{seconds:.1f} s")]
+    count, rows, images = len(sample_plan(scale.sample_per_digit)), [], {}
+    for name, autocast in (("fp32 (default)", False), ("--autocast", True)):
+        settings = Namespace(sampler="ddim", steps=scale.sample_steps, eta=0.0, guidance=TRAIN_PRESETS[
+            scale.p1_preset]["guidance"], seed=0, batch_size=500, autocast=autocast)
+        synchronize(run.device)
+        start = time.perf_counter()
+        images[autocast], _ = generate(diffusion, settings, run.device, per_digit=scale.sample_per_digit)
+        synchronize(run.device)
+        seconds = time.perf_counter() - start
+        rows.append(row(f"{name}: DDIM-{scale.sample_steps}, {count} images, w = {settings.guidance}",
+                        round(count / seconds, 1), "images/s", bool(torch.isfinite(images[autocast]).all()),
+                        f"{seconds:.1f} s"))
+    difference = (to_uint8(images[True]).astype(int) - to_uint8(images[False]).astype(int))
+    rows.append(row("--autocast against fp32: pixels that differ (0-255)", round(float((difference != 0).mean()), 4),
+                    "", note=f"largest difference {abs(difference).max()}, random weights"))
+    return rows
 
 
 def p1_resume_section(run):

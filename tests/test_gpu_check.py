@@ -26,7 +26,11 @@ def test_smoke_runs_every_section(tmp_path, one_torch_thread):
     assert checks["resumed == uninterrupted (model and EMA weights)"]["ok"] is True
     assert checks["fp16 + GradScaler: last loss"]["ok"] is True and checks["bf16: last loss"]["ok"] is True
     table = (tmp_path / "gpu_check.md").read_text()
-    assert table.count("\n| p1_train |") == 7 and "| p2_precision | fp32: 2 x 32 px, 2 steps |" in table
+    assert table.count("\n| p1_train |") == 10 and "| p2_precision | fp32: 2 x 32 px, 2 steps |" in table
+    # the former data path and EMA beside p1_train.py's, and sampling in fp32 beside --autocast
+    assert checks["data path and EMA after: 2 steps"]["ok"] is True and checks["autocast dtype"]["value"] == "None"
+    assert [m for m in checks if m.startswith(("fp32 (default): DDIM", "--autocast: DDIM"))] == [
+        "fp32 (default): DDIM-2, 20 images, w = 5.0", "--autocast: DDIM-2, 20 images, w = 5.0"]
     # P3: peak memory and finite loss of every training configuration, images produced, images classified
     p3_checks = {(name, r["measurement"]): r["ok"] for name in ("p3_ti_step", "p3_generate", "p3_zeroshot")
                  for r in report["sections"][name] if r["ok"] is not None}

@@ -240,3 +240,27 @@ def test_benchmark_runs_end_to_end(toy_world, tiny_checkpoint, tmp_path, one_tor
     assert "Sampling 1 images per call (guided, w = 5.0), median of 1:" in text
     for row in ("| DDPM-1000 |", "| DDIM-25 |", "| DDIM-2 | 0 | 10 |", "| DDIM-2 | 5 | 10 |"):
         assert row in text
+
+
+def test_sampling_is_full_fp32_unless_autocast_is_asked_for(monkeypatch):
+    """Where autocast runs in reduced precision (bf16 on a GPU; faked on this CPU through utils.amp_dtype, which
+    utils.autocast asks), the default samples equal sampling with no autocast at all, bit for bit; --autocast
+    gives other samples."""
+    import types
+
+    import utils
+    from p1_model import Diffusion, preset
+    torch.manual_seed(0)
+    diffusion = Diffusion(preset("toy", widths=(8, 16), embed_dim=16, attention_heads=2)).eval()
+    with torch.no_grad():
+        for parameter in diffusion.parameters():
+            parameter.normal_(0, 0.1)  # random weights everywhere: the zero-initialised output conv would hide all
+    args = types.SimpleNamespace(sampler="ddim", steps=2, eta=0.0, guidance=5.0, seed=0, batch_size=20)
+    reference, _ = p1_inference.generate(diffusion, args, torch.device("cpu"), per_digit=1)  # no autocast here
+    monkeypatch.setattr(utils, "amp_dtype", lambda device, cpu_bf16=False: torch.bfloat16)
+    args.autocast = p1_inference.build_parser().parse_args(["out"]).autocast  # the default
+    default, _ = p1_inference.generate(diffusion, args, torch.device("cpu"), per_digit=1)
+    assert args.autocast is False and torch.equal(default, reference)
+    args.autocast = p1_inference.build_parser().parse_args(["out", "--autocast"]).autocast
+    reduced, _ = p1_inference.generate(diffusion, args, torch.device("cpu"), per_digit=1)
+    assert not torch.equal(reduced, reference)

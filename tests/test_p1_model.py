@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import p1_model as pm
+import p1_unet
 from ddim import ddim_timesteps
 from utils import image_generators
 
@@ -301,7 +302,7 @@ def test_unet_shapes_and_conditioning(name):
 def test_self_attention_matches_torch_sdpa():
     """The written-out attention against torch's own scaled_dot_product_attention on the same q, k, v."""
     torch.manual_seed(0)
-    attention = pm.SelfAttention(channels=64, heads=4, groups=8)
+    attention = p1_unet.SelfAttention(channels=64, heads=4, groups=8)
     x = torch.randn(3, 64, 7, 7)
     q, k, v = attention.qkv(attention.norm(x)).reshape(3, 3, 4, 16, 49).unbind(1)
     reference = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
@@ -329,3 +330,48 @@ def test_config_round_trip_and_errors():
         pm.P1Config(schedule="quadratic")
     with pytest.raises(ValueError, match="halved"):
         pm.P1Config(unshuffle=2, widths=(8, 16, 32, 64))
+
+
+def test_no_float64_tensor_goes_to_a_device_without_float64(monkeypatch):
+    """MPS has no float64: moving a float64 tensor there raises. `meta` stands in for such a device, with Tensor.to
+    refusing float64 results off the CPU and CUDA as MPS does; the schedule still reaches it, as float32, and holds
+    the float64 values rounded once."""
+    real_to = torch.Tensor.to
+
+    def to_like_mps(tensor, *args, **kwargs):
+        moved = real_to(tensor, *args, **kwargs)
+        if moved.dtype == torch.float64 and moved.device.type not in ("cpu", "cuda"):
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+        return moved
+
+    monkeypatch.setattr(torch.Tensor, "to", to_like_mps)
+    diffusion = pm.Diffusion(pm.preset("toy", widths=(8, 16), embed_dim=16, attention_heads=2)).to("meta")
+    assert diffusion.net.conv_in.weight.device.type == "meta"
+    assert diffusion.alpha_bar.device.type == "meta" and diffusion.alpha_bar.dtype == torch.float32
+    assert diffusion.betas.device.type == "meta" and diffusion.betas.dtype == torch.float32
+    back = diffusion.to_empty(device="cpu")  # the float64 schedule comes back whole, not from the float32 copy
+    assert back.alpha_bar.dtype == torch.float64
+    torch.testing.assert_close(back.alpha_bar, pm.alpha_bar_from_betas(pm.make_betas(back.config)), rtol=0, atol=0)
+
+
+def test_fp16_attention_does_not_overflow():
+    """q.k of 64-dim heads with entries near 56 is about 2e5, past fp16's largest value 65504, while q.k / sqrt(d)
+    is about 2.5e4. v is made the same at every position, so any attention whose rows sum to 1 returns it: in fp16
+    the block must match torch's own fp32 scaled_dot_product_attention on the same q, k, v to fp16's rounding (the
+    old q.k-then-scale gave inf, then NaN). test_self_attention_matches_torch_sdpa checks the weights themselves."""
+    torch.manual_seed(0)
+    channels, heads = 64, 1
+    attention = p1_unet.SelfAttention(channels=channels, heads=heads, groups=8)
+    with torch.no_grad():
+        attention.qkv.weight[:2 * channels].mul_(8)
+        attention.qkv.bias[:2 * channels] = 56.0  # q and k: large activations that vary over the positions
+        attention.qkv.weight[2 * channels:] = 0.0  # v: one vector at every position
+    x = torch.randn(2, channels, 7, 7)
+    q, k, v = attention.qkv(attention.norm(x)).reshape(2, 3, heads, channels, 49).unbind(1)
+    assert float((q.transpose(-1, -2) @ k).abs().max()) > 65504  # the unscaled product overflows fp16
+    reference = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
+                                                                 v.transpose(-1, -2))
+    expected = x + attention.proj(reference.transpose(-1, -2).reshape(2, channels, 7, 7))
+    out = attention.half()(x.half()).float()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-2, atol=1e-2)

@@ -195,3 +195,86 @@ def test_ddp_resume_is_exact_with_dropout_and_works_on_another_world_size(toy_wo
     assert state["epoch"] == 2 and state["step"] == 4 + 8 and len(state["rng"]) == 1  # 32 images / batch 4
 
 
+
+
+def test_a_new_run_refuses_to_replace_a_trained_model(small_digits, tmp_path):
+    """`p1_train.py` into a folder that holds a checkpoint: one line, exit 1, the old file byte for byte as it was;
+    --overwrite starts over and replaces it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    old = b"a trained model"
+    (out / p1_train.CHECKPOINT_NAME).write_bytes(old)
+    flags = ["p1_train.py", "--data", str(small_digits()), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+             "--grid-every", "0", "--device", "cpu"]
+    result = subprocess.run([sys.executable, *flags], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--resume" in lines[0] and "--overwrite" in lines[0]
+    assert (out / p1_train.CHECKPOINT_NAME).read_bytes() == old
+    p1_train.main([*flags[1:], "--overwrite"])
+    assert load_checkpoint(out / p1_train.CHECKPOINT_NAME)["epoch"] == 1
+
+
+def test_ema_update_is_one_fused_call(monkeypatch):
+    """The EMA is one torch._foreach_lerp_ over every parameter (not a kernel per parameter), with the closed-form
+    result ema <- decay ema + (1 - decay) model."""
+    torch.manual_seed(0)
+    ema, model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv2d(4, 2, 3)), torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Conv2d(4, 2, 3))
+    expected = [0.99 * e.detach().clone() + 0.01 * p.detach() for e, p in zip(ema.parameters(), model.parameters())]
+    calls = []
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *args: calls.append(len(args[0])) or real(*args))
+    p1_train.ema_update(ema, model, 0.99)
+    assert calls == [4]  # one call, all four parameter tensors
+    for e, want in zip(ema.parameters(), expected):
+        torch.testing.assert_close(e, want)
+
+
+def test_batches_gathered_on_the_device_equal_those_gathered_on_the_cpu(toy_world, tmp_path, monkeypatch):
+    """On a GPU with room the uint8 images go there once and each batch is gathered there. Here the CPU plays the
+    GPU: forcing that path (the data copied out of the memory map, the order moved with it) gives the same batches
+    and so the same weights, bit for bit, as gathering from the memory-mapped cache."""
+    images = torch.randint(0, 256, (10, 3, 28, 28), dtype=torch.uint8)
+    data = (images, torch.arange(10) % 10, torch.arange(10) % 2)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    x0, digit, dataset = p1_train.training_batch(data, order, 1, 4, torch.device("cpu"))
+    idx = order[4:8]
+    torch.testing.assert_close(x0, images[idx].float() / 127.5 - 1, rtol=0, atol=0)  # p1_data's [-1, 1] mapping
+    assert torch.equal(digit, idx % 10) and torch.equal(dataset, idx % 2)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 80 * 2**30))
+    assert p1_train.fits_on_device(320 * 2**20, torch.device("cuda"))  # the real sets, ~320 MB as uint8
+    assert not p1_train.fits_on_device(2 * 2**30, torch.device("cuda"))  # more than a quarter of the free memory
+    assert not p1_train.fits_on_device(1, torch.device("cpu"))
+
+    flags = ["--data", str(toy_world / "digits"), "--limit", "16", "--batch-size", "8", "--epochs", "1",
+             "--grid-every", "0", "--device", "cpu"]
+    p1_train.main([*flags, "--out", str(tmp_path / "mapped")])
+    monkeypatch.setattr(p1_train, "fits_on_device", lambda nbytes, device: True)
+    p1_train.main([*flags, "--out", str(tmp_path / "staged")])
+    mapped = load_checkpoint(tmp_path / "mapped" / p1_train.CHECKPOINT_NAME)
+    staged = load_checkpoint(tmp_path / "staged" / p1_train.CHECKPOINT_NAME)
+    for name, tensor in mapped["model"].items():
+        assert torch.equal(tensor, staged["model"][name]), name
+
+
+def test_resume_on_another_number_of_processes_continues_the_learning_rate_curve(toy_world, tmp_path, monkeypatch):
+    """Epoch 1 of 3 in one process (8 steps of 4 images), then epoch 2 resumed in two processes (4 steps each).
+    The learning rate after epoch 2 is the closed-form warm-up + cosine value at 2/3 of the planned 24 steps, as in
+    an uninterrupted one-process run; recomputing the plan from the new world size (12 steps) would have put the
+    resumed run at the end of its schedule, LR 0."""
+    monkeypatch.setitem(p1_train.TRAIN_PRESETS, "toy", {**p1_train.TRAIN_PRESETS["toy"], "warmup_steps": 2})
+    out = tmp_path / "run"
+    p1_train.main(["--data", str(toy_world / "digits"), "--out", str(out), "--preset", "toy", "--limit", "16",
+                   "--batch-size", "4", "--epochs", "3", "--stop-after", "1", "--grid-every", "0", "--device", "cpu"])
+    first = load_checkpoint(out / p1_train.CHECKPOINT_NAME)
+    peak, warmup, planned = first["train"]["lr"], 2, 3 * 8
+    assert first["step"] == 8 and first["planned_steps"] == planned
+    torchrun("--resume", out / p1_train.CHECKPOINT_NAME, "--data", toy_world / "digits", "--out", out,
+             "--stop-after", "2")
+    resumed = load_checkpoint(out / p1_train.CHECKPOINT_NAME)
+    expected = peak * 0.5 * (1 + math.cos(math.pi * (16 - warmup) / (planned - warmup)))  # 2/3 of the plan
+    assert resumed["epoch"] == 2 and resumed["step"] == 8 + 4
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected, rel=1e-9), \
+        f"LR after the resumed epoch {resumed['optimizer']['param_groups'][0]['lr']:.6g}, expected {expected:.6g}"

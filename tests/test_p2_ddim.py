@@ -299,3 +299,44 @@ def test_bad_input_is_one_line_exit_1_and_no_images(bad_input_world, capsys, bre
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert reason in err, err
     assert not list(face.rglob("out/*.png"))
+
+
+def test_gt_prints_the_mean_mse_of_every_clipping_and_postprocessing(toy_world, tmp_path, capsys):
+    """With --gt, the mean MSE under each of x0 clipping on/off x minmax/clamp, the one in use marked. Expected
+    values: diffusers' DDIMScheduler (clip_sample on or off) on the same UNet and noise, its images written by
+    torchvision's save_image (normalize=True for minmax; (x + 1) / 2, clamped, for clamp), against the GT PNGs."""
+    face, names = toy_world / "face", ["00", "01"]
+    for folder in ("noise", "GT"):
+        (tmp_path / folder).mkdir()
+    for name in names:
+        shutil.copy(face / "noise" / f"{name}.pt", tmp_path / "noise")
+        shutil.copy(face / "GT" / f"{name}.png", tmp_path / "GT")
+    status, out, err = run_main([tmp_path / "noise", tmp_path / "out", face / "UNet.pt", "--steps", "5", "--gt",
+                                 tmp_path / "GT", "--no-clip-x0", "--postprocess", "clamp", "--device", "cpu"], capsys)
+    assert status == 0, err
+    printed = dict(re.findall(r"^  (--(?:no-)?clip-x0 --postprocess \w+) +([\d.]+(?:  <- in use)?)$", out, re.M))
+    assert len(printed) == 4, out
+    assert [flags for flags, value in printed.items() if value.endswith("<- in use")] == [
+        "--no-clip-x0 --postprocess clamp"]
+
+    unet = load_face_unet(face / "UNet.pt")
+    for clip in (True, False):
+        scheduler = DDIMScheduler(**{**DIFFUSERS_DDIM_CONFIG, "clip_sample": clip})
+        scheduler.set_timesteps(5)
+        errors = {"minmax": [], "clamp": []}
+        for name in names:
+            x_t = torch.load(face / "noise" / f"{name}.pt", weights_only=True).float()
+            with torch.no_grad():
+                for t in scheduler.timesteps:
+                    x_t = scheduler.step(unet(x_t, t.float().expand(1)), t, x_t).prev_sample
+            truth = np.asarray(Image.open(face / "GT" / f"{name}.png").convert("RGB")).astype(np.float64)
+            for postprocess, kwargs, image in (("minmax", {"normalize": True}, x_t[0]),
+                                               ("clamp", {}, (x_t[0] + 1) / 2)):
+                save_image(image, tmp_path / "reference.png", **kwargs)
+                ours = np.asarray(Image.open(tmp_path / "reference.png").convert("RGB")).astype(np.float64)
+                errors[postprocess].append(np.mean((ours - truth) ** 2))
+        for postprocess, values in errors.items():
+            flags = f"{'--clip-x0' if clip else '--no-clip-x0'} --postprocess {postprocess}"
+            value = float(printed[flags].split()[0])
+            # off-by-one rounding at rare pixels (see the minmax test above) moves a mean by far less than 0.05
+            assert value == pytest.approx(np.mean(values), abs=0.05), (flags, value, np.mean(values))

@@ -71,6 +71,25 @@ def test_amp_dtype_on_cuda(monkeypatch, bf16, expected):
     assert utils.amp_dtype(torch.device("cuda", 0)) == expected
 
 
+@pytest.mark.parametrize("major, minor, expected", [(7, 5, torch.float16), (7, 0, torch.float16),
+                                                    (8, 0, torch.bfloat16), (8, 9, torch.bfloat16)])
+def test_pre_ampere_gpus_get_fp16_with_loss_scaling(monkeypatch, major, minor, expected):
+    """A T4 (7.5) or V100 (7.0) has no native bf16: torch's own is_bf16_supported() answers True there by default
+    (it can emulate bf16), but cuDNN has no bf16 convolutions below 8.0. Only the device capability is faked here;
+    torch.cuda.is_bf16_supported runs as it is, emulation check included (faked to succeed, as on those cards)."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major,
+                                                                                                  minor=minor))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    assert torch.cuda.is_bf16_supported() is True  # the default counts emulation: what the old choice asked
+    assert utils.amp_dtype("cuda") == expected
+    scaler = utils.make_grad_scaler(torch.device("cuda"))
+    assert scaler.is_enabled() is (expected == torch.float16)  # fp16 needs loss scaling, bf16 does not
+
+
 def test_amp_dtype_none_off_cuda():
     assert utils.amp_dtype("cpu") is None
     assert utils.amp_dtype(torch.device("mps")) is None

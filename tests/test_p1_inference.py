@@ -186,7 +186,7 @@ def test_eval_train_and_score_smoke(toy_world, tmp_path):
     out = tmp_path / "generated"
     write_fake_outputs(toy_world, out, per_digit=5)
     result = run("p1_eval.py", "--device", "cpu", "score", str(out), "--evaluator",
-                 str(tmp_path / p1_eval.EVALUATOR_NAME))
+                 str(tmp_path / p1_eval.EVALUATOR_NAME), "--data", str(data))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("MNIST-M acc = 0.") and "(correct/total = " in lines[0] and lines[0].endswith("/50)")
@@ -194,6 +194,8 @@ def test_eval_train_and_score_smoke(toy_world, tmp_path):
     scored = parse_accuracies(result.stdout, " acc = ")
     assert min(scored.values()) >= 0.4, result.stdout
     assert float(lines[2].split("=")[1]) == pytest.approx(sum(scored.values()) / 2, abs=1e-4)
+    assert lines[3].startswith("MNIST-M FD_eval = ") and lines[4].startswith("SVHN FD_eval = ") and len(lines) == 5
+    assert "50 generated vs " in lines[3] and "two real halves with as many images: " in lines[3], lines[3]
 
 
 def test_predict_takes_one_plain_argmax_per_image_unless_tta_is_asked_for():
@@ -233,10 +235,12 @@ def test_benchmark_runs_end_to_end(toy_world, tiny_checkpoint, tmp_path, one_tor
     report = tmp_path / "bench.md"
     text = p1_bench.main(["--ckpt", str(tiny_checkpoint), "--data", str(toy_world / "digits"), "--evaluator",
                           str(evaluator), "--train-images", "8", "--batch-size", "4", "--train-steps", "1",
-                          "--repeats", "1", "--speed-images", "1", "--runs", "ddim:2:0:1,ddim:2:5:1",
-                          "--report", str(report), "--device", "cpu"])
+                          "--repeats", "1", "--speed-images", "1", "--report", str(report), "--device", "cpu",
+                          "--runs", "ddim:2:0:1,ddim:2:5:1,dpmpp:2:5:1,unipc:3:5:1"])
     assert report.read_text() == text
     assert "fp32" in text and "images/s" in text
     assert "Sampling 1 images per call (guided, w = 5.0), median of 1:" in text
-    for row in ("| DDPM-1000 |", "| DDIM-25 |", "| DDIM-2 | 0 | 10 |", "| DDIM-2 | 5 | 10 |"):
+    for row in ("| DDPM-1000 |", "| DDIM-25 |", "| DPM-Solver++-10 |", "| UniPC-10 |", "| DDIM-2 | 0 | 10 |",
+                "| DDIM-2 | 5 | 10 |", "| DPM-Solver++-2 | 5 | 10 |", "| UniPC-3 | 5 | 10 |"):
         assert row in text
+    assert "| FD_eval MNIST-M | FD_eval SVHN | images/s |" in text

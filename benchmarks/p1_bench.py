@@ -105,6 +105,14 @@ def training_speed(args, config, state, device):
     return [line, ""]
 
 
+def accuracy_row(sampler, steps, guidance, images, accs, fds, images_per_s):
+    """One row of the accuracy table (read back by report_p1.guidance_sweep): accs per dataset, fds per dataset as
+    (FD_eval, floor), `images` per dataset."""
+    return (f"| {SAMPLER_NAMES[sampler]}-{steps} | {guidance:g} | {images} | {accs[0]:.3f} | {accs[1]:.3f} | "
+            f"{sum(accs) / 2:.3f} | {fds[0][0]:.1f} ({fds[0][1]:.1f}) | {fds[1][0]:.1f} ({fds[1][1]:.1f}) | "
+            f"{images_per_s:.2f} |")
+
+
 def parse_runs(text, per_digit):
     """"ddim:25:0,ddpm:1000:4:2" -> [("ddim", 25, 0.0, per_digit), ("ddpm", 1000, 4.0, 2)]."""
     runs = []
@@ -157,9 +165,7 @@ def main(argv=None):
         for sampler, steps, guidance, per_digit in parse_runs(args.runs, args.per_digit):
             accs, fds, seconds = sampler_accuracy(diffusion, evaluator, halves, sampler, steps, guidance, per_digit,
                                                   args.sample_batch, device, args.tta)
-            lines.append(f"| {SAMPLER_NAMES[sampler]}-{steps} | {guidance:g} | {10 * per_digit} | {accs[0]:.3f} | "
-                         f"{accs[1]:.3f} | {sum(accs) / 2:.3f} | {fds[0][0]:.1f} ({fds[0][1]:.1f}) | "
-                         f"{fds[1][0]:.1f} ({fds[1][1]:.1f}) | {20 * per_digit / seconds:.2f} |")
+            lines.append(accuracy_row(sampler, steps, guidance, 10 * per_digit, accs, fds, 20 * per_digit / seconds))
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.report:

@@ -98,10 +98,11 @@ def p1_part(context):
                        *context.steps_flag(context.settings.p1_steps), *context.seed_flag(), *context.device_flag()])
     grids = [out / f"p1_grid_{name}.png" for name in DATASETS]
     strips = [out / f"p1_reverse_{name}.png" for name in DATASETS]
-    steps = context.settings.p1_steps or p1_inference.build_parser().get_default("steps")
+    defaults = p1_inference.build_parser()
+    steps = context.settings.p1_steps or defaults.get_default("steps")
     lines = [f"Checkpoint `{ckpt}`; {NUM_DIGITS * p1_inference.PER_DIGIT} images per dataset sampled by "
-             f"`p1_inference.py` (DDIM, {steps} steps, the checkpoint's guidance weight, seed {context.args.seed}) "
-             f"into `{samples.relative_to(context.out)}/`.", ""]
+             f"`p1_inference.py` ({defaults.get_default('sampler')}, {steps} steps, the checkpoint's guidance "
+             f"weight, seed {context.args.seed}) into `{samples.relative_to(context.out)}/`.", ""]
     for name, grid, strip in zip(DATASETS, grids, strips):
         lines += [f"### {p1_eval.DISPLAY[name]}", "", "Row = digit 0-9, column = a different noise x_T.", "",
                   figure(context.out, grid, f"{p1_eval.DISPLAY[name]} 10x10 grid"), "",

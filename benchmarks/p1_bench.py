@@ -193,7 +193,8 @@ def build_parser():
                         help="Images per sampling-speed measurement; 0 skips it.")
     parser.add_argument("--guidance", type=float, default=5.0, help="Guidance weight of the speed measurements.")
     parser.add_argument("--runs", type=str,
-                        default="ddim:25:0,ddim:25:1,ddim:25:2,ddim:25:3,ddim:25:5,ddim:25:7,ddim:25:10,ddim:50:5,ddpm:1000:5",
+                        default="dpmpp:10:0,dpmpp:10:1,dpmpp:10:2,dpmpp:10:3,dpmpp:10:5,dpmpp:10:7,dpmpp:10:10,"
+                                "unipc:10:5,ddim:25:5,ddim:50:5,ddpm:1000:5",
                         help="Accuracy runs as sampler:steps:guidance[:per_digit], comma-separated; empty to skip.")
     parser.add_argument("--per-digit", type=int, default=10, help="Images per digit and dataset per accuracy run.")
     parser.add_argument("--sample-batch", type=int, default=250, help="Batch size of the accuracy runs.")

@@ -38,8 +38,8 @@ def tiny_checkpoint(toy_world, tmp_path_factory):
 
 def test_inference_writes_the_grader_layout_and_figures(tiny_checkpoint, tmp_path):
     out, figures = tmp_path / "out", tmp_path / "figures"
-    result = run("p1_inference.py", str(out), "--ckpt", str(tiny_checkpoint), "--steps", "2", "--guidance", "0",
-                 "--eta", "1", "--batch-size", "125", "--figures", str(figures))
+    result = run("p1_inference.py", str(out), "--ckpt", str(tiny_checkpoint), "--sampler", "ddim", "--steps", "2",
+                 "--guidance", "0", "--eta", "1", "--batch-size", "125", "--figures", str(figures))
     assert result.returncode == 0, result.stderr[-2000:]
     expected = sorted(f"{digit}_{i:03d}.png" for digit in range(10) for i in range(1, 51))
     for name in ("mnistm", "svhn"):
@@ -52,8 +52,8 @@ def test_inference_writes_the_grader_layout_and_figures(tiny_checkpoint, tmp_pat
     with Image.open(figures / "p1_grid_svhn.png") as grid:
         assert grid.size == (10 * 30 + 2, 10 * 30 + 2)  # 10x10 tiles of 28 px, 2 px padding
     # one noise stream per image: another batch size gives the same files, byte for byte, even with eta = 1
-    again = run("p1_inference.py", str(tmp_path / "again"), "--ckpt", str(tiny_checkpoint), "--steps", "2",
-                "--guidance", "0", "--eta", "1", "--batch-size", "50")
+    again = run("p1_inference.py", str(tmp_path / "again"), "--ckpt", str(tiny_checkpoint), "--sampler", "ddim",
+                "--steps", "2", "--guidance", "0", "--eta", "1", "--batch-size", "50")
     assert again.returncode == 0, again.stderr[-2000:]
     differing = [f"{name}/{file_name}" for name in ("mnistm", "svhn") for file_name in expected
                  if (out / name / file_name).read_bytes() != (tmp_path / "again" / name / file_name).read_bytes()]
@@ -119,7 +119,7 @@ def test_unwritable_out_dir_is_one_line(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["foreign_checkpoint", "evaluator_checkpoint", "missing_checkpoint", "bad_steps",
-                                  "eta_above_1", "negative_eta"])
+                                  "eta_above_1", "negative_eta", "eta_for_a_solver"])
 def test_bad_input_is_refused_before_writing(tiny_checkpoint, tmp_path, case):
     ckpt, extra = str(tiny_checkpoint), []
     if case == "foreign_checkpoint":
@@ -133,11 +133,12 @@ def test_bad_input_is_refused_before_writing(tiny_checkpoint, tmp_path, case):
     elif case == "missing_checkpoint":
         ckpt = str(tmp_path / "nope.safetensors")
     else:
-        extra = {"bad_steps": ["--steps", "0"], "eta_above_1": ["--eta", "1.5"],
-                 "negative_eta": ["--eta", "-0.1"]}[case]
+        extra = {"bad_steps": ["--steps", "0"], "eta_above_1": ["--eta", "1.5"], "negative_eta": ["--eta", "-0.1"],
+                 "eta_for_a_solver": ["--sampler", "unipc", "--eta", "0.5"]}[case]
     expected = {"foreign_checkpoint": "other.safetensors", "evaluator_checkpoint": "evaluator.safetensors",
                 "missing_checkpoint": "nope.safetensors", "bad_steps": "--steps",
-                "eta_above_1": "--eta must be between 0 and 1", "negative_eta": "--eta must be between 0 and 1"}[case]
+                "eta_above_1": "--eta must be between 0 and 1", "negative_eta": "--eta must be between 0 and 1",
+                "eta_for_a_solver": "--sampler unipc does not use it"}[case]
     with pytest.raises(Hw2Error, match=expected):
         p1_inference.main([str(tmp_path / "out"), "--ckpt", ckpt, *extra])
     assert not (tmp_path / "out").exists()

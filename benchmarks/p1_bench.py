@@ -132,11 +132,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     device = get_device(args.device)
     ckpt = Path(args.ckpt) if args.ckpt else find_latest_checkpoint(DEFAULT_OUT)
-    diffusion, state = load_model_checkpoint(ckpt)
+    diffusion, state = load_model_checkpoint(ckpt, args.weights)
     diffusion = diffusion.to(device).eval()
     config = diffusion.config
     lines = [f"## P1 benchmark ({args.machine})", "",
-             f"Checkpoint `{ckpt}` (epoch {state.get('epoch')}, schedule {config.schedule}, prediction "
+             f"Checkpoint `{ckpt}` ({args.weights} weights, epoch {state.get('epoch')}, schedule {config.schedule}, prediction "
              f"{config.prediction}, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M parameters), "
              f"device {device}, {torch.get_num_threads()} torch threads.", ""]
 
@@ -178,6 +178,9 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=str, default=None,
                         help=f"Diffusion checkpoint; default: the newest ddpm*.safetensors in {DEFAULT_OUT}.")
+    parser.add_argument("--weights", type=str, default="ema", choices=["ema", "model"],
+                        help="Sample with the checkpoint's EMA weights (as p1_inference.py does) or its training "
+                             "weights (for a short run, whose EMA still holds much of the initial network).")
     parser.add_argument("--data", type=str, default=DEFAULT_DATA, help="Digits folder for the training timing.")
     parser.add_argument("--evaluator", type=str, default=str(Path(DEFAULT_OUT) / EVALUATOR_NAME),
                         help="Evaluator checkpoint from `p1_eval.py train`.")

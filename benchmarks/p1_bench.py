@@ -136,8 +136,8 @@ def main(argv=None):
     diffusion = diffusion.to(device).eval()
     config = diffusion.config
     lines = [f"## P1 benchmark ({args.machine})", "",
-             f"Checkpoint `{ckpt}` ({args.weights} weights, epoch {state.get('epoch')}, schedule {config.schedule}, prediction "
-             f"{config.prediction}, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M parameters), "
+             f"Checkpoint `{ckpt}` ({args.weights} weights, epoch {state.get('epoch')}, schedule {config.schedule}, "
+             f"prediction {config.prediction}, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M parameters), "
              f"device {device}, {torch.get_num_threads()} torch threads.", ""]
 
     if args.train_steps > 0:

@@ -137,8 +137,8 @@ def main(argv=None):
     config = diffusion.config
     lines = [f"## P1 benchmark ({args.machine})", "",
              f"Checkpoint `{ckpt}` ({args.weights} weights, epoch {state.get('epoch')}, schedule {config.schedule}, "
-             f"prediction {config.prediction}, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M parameters), "
-             f"device {device}, {torch.get_num_threads()} torch threads.", ""]
+             f"prediction {config.prediction}, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M "
+             f"parameters), device {device}, {torch.get_num_threads()} torch threads.", ""]
 
     if args.train_steps > 0:
         lines += training_speed(args, config, state, device)

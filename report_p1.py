@@ -42,6 +42,7 @@ def accuracy_fd_figure(sampler, sweep, name, path):
     fd, acc = [float(row[f"fd_{name}"]) for _, row in sweep], [float(row[name]) for _, row in sweep]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
     ax.plot(fd, acc, "o-")
+    ax.margins(x=0.15, y=0.1)  # room for the w labels
     for (w, _), x, y in zip(sweep, fd, acc):
         ax.annotate(f"w = {w:g}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
     ax.axvline(float(sweep[0][1][f"floor_{name}"]), linestyle="--", color="gray", label="two real halves (floor)")

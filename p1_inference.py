@@ -7,7 +7,7 @@
 Writes OUT_DIR/mnistm/ and OUT_DIR/svhn/, each with exactly 500 28x28 RGB PNGs named {digit}_{index:03d}.png
 (index 001..050): the grader reads the label from the first character and every file in the folder as an image.
 All 1,000 images are sampled in batches, then written; a folder that holds other files is refused, never cleaned.
-The default sampler, DPM-Solver++ 2M with 10 steps, held DDPM-1000's accuracy on each set (BENCHMARKS.md, P1).
+The default sampler is DPM-Solver++ 2M with 10 steps: how it was chosen is in BENCHMARKS.md (P1, samplers).
 `--figures DIR` also writes per dataset the 10x10 grid (row = digit, column = noise) and the reverse process of
 the first "0" (six snapshots from x_T to x_0, labelled with t).
 """

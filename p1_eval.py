@@ -246,7 +246,11 @@ def course_counts(args, device):
 
 
 def score_command(args, device):
-    """Print each dataset's accuracy and their mean in the grader's three lines; return the two accuracies."""
+    """Print each dataset's accuracy and their mean in the grader's three lines, then FD_eval per dataset (not with
+    --course-classifier); return the two accuracies."""
+    if args.data is not None and not Path(args.data).is_dir():
+        raise Hw2Error(f"--data {args.data} is not a folder: pass the digits folder whose val images FD_eval compares "
+                       f"with (hw2_data/digits)")
     if args.course_classifier:
         counts = course_counts(args, device)
     else:

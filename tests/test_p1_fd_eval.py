@@ -11,6 +11,7 @@ import scipy.linalg
 import torch
 
 import p1_eval
+from utils import Hw2Error
 
 
 def with_moments(mean, cov, n, seed=0):
@@ -72,3 +73,8 @@ def test_fd_eval_compares_with_the_reference_half_and_the_floor_uses_as_many_ima
     assert floor == pytest.approx(p1_eval.frechet_distance(features[200:300], features[:200]))
     collapsed, _ = p1_eval.fd_eval(model, real[300:301].repeat(100, 1, 1, 1), halves)
     assert collapsed > 3 * floor, f"one repeated image: FD {collapsed:.4f}, floor {floor:.4f}"
+
+
+def test_a_missing_data_folder_is_refused_before_scoring(tmp_path):
+    with pytest.raises(Hw2Error, match="--data .*nope is not a folder"):
+        p1_eval.main(["--device", "cpu", "score", str(tmp_path), "--data", str(tmp_path / "nope")])

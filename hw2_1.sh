@@ -3,7 +3,7 @@
 #
 #   bash hw2_1.sh OUT_DIR      # -> OUT_DIR/mnistm/0_001.png .. 9_050.png and OUT_DIR/svhn/ likewise
 #
-# Samples with p1_inference.py's defaults (DDIM, 25 steps, the guidance weight saved with the checkpoint, seed 0)
+# Samples with p1_inference.py's defaults (DPM-Solver++, 10 steps, the checkpoint's guidance weight, seed 0)
 # from the newest checkpoints/p1/ddpm*.safetensors beside this script, whatever the current folder. Flags after
 # OUT_DIR go to p1_inference.py (see its --help). PYTHON (default python3) runs it.
 set -euo pipefail

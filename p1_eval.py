@@ -10,7 +10,11 @@ p1_data.py). One classifier serves both sets: the digit shapes are shared, and e
 about the other's digits.
 `score` reads every file of OUT_DIR/<dataset>/ as an image, takes the label from the file name's first
 character (as the grader does), takes one argmax per image (as the grader does; `--tta` averages the softmax over
-five shifted copies instead) and prints `MNIST-M acc = ...`, `SVHN acc = ...`, `acc = <mean>`. With
+five shifted copies instead) and prints `MNIST-M acc = ...`, `SVHN acc = ...`, `acc = <mean>`, then per set the
+FD_eval: the Fréchet distance between the generated and the real val images in the evaluator's penultimate
+features, beside the same distance between two halves of the real images (the floor: what a perfect generator
+would score with as many images). Accuracy alone rewards a model that draws one perfect digit every time; FD_eval
+grows when the images lose the real data's variety. With
 `--course-classifier`, MNIST-M is scored exactly as the course's digit_classifier.py does, and SVHN by its
 resnet34_svhn where that loads offline (see p1_course_classifier.py).
 """
@@ -79,6 +83,48 @@ def random_shift(x, generator, max_shift=2):
     """One random translation of up to `max_shift` pixels per batch: generated digits are not centred exactly."""
     dy, dx = (torch.randint(-max_shift, max_shift + 1, (2,), generator=generator)).tolist()
     return shift(x, dy, dx)
+
+
+@torch.no_grad()
+def penultimate_features(model, images, batch_size=500):
+    """The evaluator's penultimate activations (the hidden layer after its ReLU) of images [N, 3, 28, 28], float64."""
+    model.eval()
+    return torch.cat([model.head[:-1](model.features(images[i:i + batch_size])).double()
+                      for i in range(0, len(images), batch_size)])
+
+
+def frechet_distance(features_a, features_b):
+    """Fréchet distance between Gaussians fitted to two feature sets [N, D] (Heusel et al. 2017, the FID formula):
+    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with sample covariances (N - 1 in the denominator).
+
+    Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2): symmetric,
+    with the spectrum of S_a S_b, so a symmetric eigensolver serves even where dead ReLU units make S singular."""
+    a, b = features_a.double(), features_b.double()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov_a)
+    root_a = eigenvectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return float((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def real_halves(model, data, device, seed=0):
+    """Per dataset, the penultimate features of its real val images split in two random halves (reference, other):
+    FD_eval compares generated images with the reference half, the floor the other half with it."""
+    images, _, dataset_ids = load_split(data, "val")
+    halves = []
+    for d in range(len(DATASETS)):
+        features = penultimate_features(model, to_model_range(images[dataset_ids == d]).to(device))
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
+        halves.append((features[order[:len(order) // 2]], features[order[len(order) // 2:]]))
+    return halves
+
+
+def fd_eval(model, generated, halves):
+    """(FD_eval, floor) of generated images [N, 3, 28, 28] against one dataset's `real_halves` entry; the floor uses
+    as many real images as there are generated ones (up to the half's size): FD's bias grows as N shrinks."""
+    reference, other = halves
+    features = penultimate_features(model, generated)
+    return frechet_distance(features, reference), frechet_distance(other[:len(features)], reference)
 
 
 @torch.no_grad()
@@ -200,17 +246,36 @@ def course_counts(args, device):
 
 
 def score_command(args, device):
-    """Print each dataset's accuracy and their mean in the grader's three lines; return the two accuracies."""
+    """Print each dataset's accuracy and their mean in the grader's three lines, then FD_eval per dataset (not with
+    --course-classifier); return the two accuracies."""
+    if args.data is not None and not Path(args.data).is_dir():
+        raise Hw2Error(f"--data {args.data} is not a folder: pass the digits folder whose val images FD_eval compares "
+                       f"with (hw2_data/digits)")
     if args.course_classifier:
         counts = course_counts(args, device)
     else:
         model = load_evaluator(Path(args.evaluator), device)
-        counts = [evaluator_counts(model, Path(args.out_dir) / name, device, args.tta) for name in DATASETS]
+        generated = [read_generated(Path(args.out_dir) / name) for name in DATASETS]
+        counts = [accuracy(predict(model, images.to(device), tta=args.tta), labels)[1:] for images, labels in generated]
     for name, (correct, total) in zip(DATASETS, counts):
         print(f"{DISPLAY[name]} acc = {correct / total:.4f} (correct/total = {correct}/{total})")
     accs = [correct / total for correct, total in counts]
     print(f"acc = {sum(accs) / len(accs):.4f}")
+    if not args.course_classifier:
+        print_fd_eval(model, [images for images, _ in generated], args.data, device)
     return accs
+
+
+def print_fd_eval(model, generated, data, device):
+    """One FD_eval line per dataset (see `fd_eval`); without --data and without the default data, one line why not."""
+    if data is None and not Path(DEFAULT_DATA).is_dir():
+        print(f"FD_eval: skipped, no real images in {DEFAULT_DATA}: pass --data")
+        return
+    halves = real_halves(model, data or DEFAULT_DATA, device)
+    for name, images, half in zip(DATASETS, generated, halves):
+        fd, floor = fd_eval(model, images.to(device), half)
+        print(f"{DISPLAY[name]} FD_eval = {fd:.2f} ({len(images)} generated vs {len(half[0])} real val images; "
+              f"two real halves with as many images: {floor:.2f})")
 
 
 def main(argv=None):
@@ -238,6 +303,10 @@ def build_parser():
     score.add_argument("out_dir", type=str, help="Folder holding mnistm/ and svhn/ of generated images.")
     score.add_argument("--evaluator", type=str, default=str(Path(DEFAULT_OUT) / EVALUATOR_NAME),
                        help="Evaluator checkpoint written by `p1_eval.py train`.")
+    score.add_argument("--data", type=str, default=None,
+                       help=f"Folder holding mnistm/ and svhn/ whose val images FD_eval compares with; default: "
+                            f"{DEFAULT_DATA} (FD_eval is skipped if it does not exist). Not used with "
+                            f"--course-classifier.")
     score.add_argument("--course-classifier", type=str, default=None,
                        help="The course's MNIST-M Classifier.pth: score as its digit_classifier.py does (MNIST-M by "
                             "this file, SVHN by timm's resnet34_svhn where it loads offline, else by --evaluator).")

@@ -2,11 +2,13 @@
 
     python p1_inference.py OUT_DIR                                  # newest checkpoints/p1/ddpm*.safetensors
     python p1_inference.py OUT_DIR --sampler ddpm --figures outputs/p1_figures
+    python p1_inference.py OUT_DIR --sampler ddim --steps 25
 
 Writes OUT_DIR/mnistm/ and OUT_DIR/svhn/, each with exactly 500 28x28 RGB PNGs named {digit}_{index:03d}.png
 (index 001..050): the grader reads the label from the first character and every file in the folder as an image.
 All 1,000 images are sampled in batches, in full fp32 unless `--autocast`, then written; a folder that holds other
 files is refused, never cleaned.
+The default sampler is DPM-Solver++ 2M with 10 steps: how it was chosen is in BENCHMARKS.md (P1, samplers).
 `--figures DIR` also writes per dataset the 10x10 grid (row = digit, column = noise) and the reverse process of
 the first "0" (six snapshots from x_T to x_0, labelled with t).
 """
@@ -138,13 +140,16 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise Hw2Error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.sampler == "ddim" and not 1 <= args.steps <= 1000:
-        raise Hw2Error(f"--steps must be in 1..1000 for DDIM, got {args.steps}")
+    if args.sampler != "ddpm" and not 1 <= args.steps <= 1000:
+        raise Hw2Error(f"--steps must be in 1..1000 for {args.sampler}, got {args.steps}")
     if not 0 <= args.eta <= 1:
         raise Hw2Error(f"--eta must be between 0 and 1 (0 = deterministic DDIM, 1 = DDPM's noise), got {args.eta}")
+    if args.eta > 0 and args.sampler != "ddim":
+        raise Hw2Error(f"--eta is DDIM's noise scale; --sampler {args.sampler} does not use it: pass --sampler ddim "
+                       f"or leave --eta out")
     ckpt = Path(args.ckpt) if args.ckpt else find_latest_checkpoint(DEFAULT_OUT)
     diffusion, state = load_model_checkpoint(ckpt)
-    if args.sampler == "ddim" and args.steps > diffusion.config.timesteps:
+    if args.sampler != "ddpm" and args.steps > diffusion.config.timesteps:
         raise Hw2Error(f"--steps {args.steps} exceeds the checkpoint's T = {diffusion.config.timesteps}")
     if args.guidance is None:
         args.guidance = state.get("train", {}).get("guidance", 0.0)
@@ -153,7 +158,8 @@ def main(argv=None):
         ensure_writable_dir(args.figures, "--figures folder")
     device = get_device(args.device)
     diffusion = diffusion.to(device).eval()
-    steps = "" if args.sampler == "ddpm" else f" {args.steps} steps, eta {args.eta},"
+    eta = f" eta {args.eta}," if args.sampler == "ddim" else ""
+    steps = "" if args.sampler == "ddpm" else f" {args.steps} steps,{eta}"
     dtype = amp_dtype(device, cpu_bf16=True) if args.autocast else None
     print(f"P1 sampling from {ckpt} (epoch {state.get('epoch')}): {args.sampler},{steps} guidance w = "
           f"{args.guidance}, seed {args.seed}, on {device} in {'autocast ' + str(dtype)[6:] if dtype else 'fp32'}")
@@ -175,11 +181,12 @@ def build_parser():
     parser.add_argument("out_dir", type=str, help="Folder to write mnistm/ and svhn/ into (created if missing).")
     parser.add_argument("--ckpt", type=str, default=None,
                         help=f"Checkpoint from p1_train.py; default: the newest ddpm*.safetensors in {DEFAULT_OUT}.")
-    parser.add_argument("--sampler", type=str, default="ddim", choices=["ddim", "ddpm"],
-                        help="ddim (fast, --steps steps) or ddpm (ancestral, all T steps).")
-    parser.add_argument("--steps", type=int, default=25, help="Number of DDIM steps (ignored by ddpm).")
+    parser.add_argument("--sampler", type=str, default="dpmpp", choices=["dpmpp", "unipc", "ddim", "ddpm"],
+                        help="dpmpp (DPM-Solver++ 2M) or unipc (UniPC, order 2): the high-order ODE solvers of "
+                             "p1_solvers.py; ddim (--eta sets its noise); ddpm (ancestral, all T steps).")
+    parser.add_argument("--steps", type=int, default=10, help="Number of solver or DDIM steps (ignored by ddpm).")
     parser.add_argument("--eta", type=float, default=0.0,
-                        help="DDIM eta in [0, 1]: 0 = deterministic, 1 = DDPM's posterior noise (ignored by ddpm).")
+                        help="DDIM eta in [0, 1]: 0 = deterministic, 1 = DDPM's posterior noise (DDIM only).")
     parser.add_argument("--guidance", type=float, default=None,
                         help="Classifier-free guidance weight w in (1 + w) eps(x, digit, dataset) - w eps(x, null, "
                              "dataset); 0 = plain conditional model; default: the value saved with the checkpoint's "

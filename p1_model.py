@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ddim import ddim_step, ddim_timesteps
+from p1_solvers import SOLVERS, solver_sample
 from p1_unet import NUM_DATASETS, NUM_DIGITS, ConditionalUNet
 from utils import standard_normal
 
@@ -272,20 +273,19 @@ def ddim_sample(denoise, x_T, alpha_bar, prediction, steps, eta=0.0, generator=N
 
 
 def run_sampler(denoise, x_T, betas, alpha_bar, prediction, sampler="ddim", steps=50, eta=0.0, generator=None):
-    """The sampler P1 runs, with its clipping policy; yields (paper t, x_t) from x_T to x_0.
+    """The sampler P1 runs (ddpm, ddim, or a p1_solvers solver) with its clipping policy; yields (paper t, x_t).
 
-    DDPM clips x0_pred to [-1, 1]. DDIM clips it for eps-prediction, where x0_pred = (x_t - sqrt(1 - a) eps) / sqrt(a)
-    multiplies any error in eps by 1 / sqrt(a), about 2e4 at the cosine schedule's first trailing step. For
-    v-prediction x0_pred = sqrt(a) x_t - sqrt(1 - a) v needs no division and is left unclipped (on the toy world,
-    clamping it without re-deriving eps ruined the samples under strong guidance).
-    """
+    DDPM clips x0_pred to [-1, 1]; DDIM and the solvers only for eps, where x0_pred = (x_t - sqrt(1 - a) eps) / sqrt(a)
+    scales eps errors by up to 2e4 (cosine); v's x0_pred has no division (clamped, it ruined guided toy samples)."""
     if sampler == "ddpm":
         return ddpm_sample(denoise, x_T, betas, alpha_bar, prediction, generator)
-    if sampler == "ddim":
-        if not 0 <= eta <= 1:
-            raise ValueError(f"DDIM eta must be between 0 and 1, got {eta}")
-        return ddim_sample(denoise, x_T, alpha_bar, prediction, steps, eta, generator, clip=prediction == "eps")
-    raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if sampler in SOLVERS:
+        return solver_sample(denoise, x_T, betas, prediction, sampler, steps, clip=prediction == "eps")
+    if sampler != "ddim":
+        raise ValueError(f"sampler must be ddpm, ddim or one of {sorted(SOLVERS)}, got {sampler!r}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"DDIM eta must be between 0 and 1, got {eta}")
+    return ddim_sample(denoise, x_T, alpha_bar, prediction, steps, eta, generator, clip=prediction == "eps")
 
 
 def final(samples):

@@ -1,4 +1,4 @@
-"""P1 benchmark: training and sampling throughput, and evaluator accuracy per sampler and guidance weight.
+"""P1 benchmark: training and sampling throughput, and evaluator accuracy and FD_eval per sampler and guidance weight.
 
     python benchmarks/p1_bench.py --ckpt checkpoints/p1/ddpm.safetensors --data hw2_data/digits \
         --report outputs/p1_bench.md
@@ -7,7 +7,9 @@ Everything is measured side by side in one run on one device: each timed variant
 the variants alternate for --repeats rounds and each reports its median, so the ratios hold on a busy machine.
 Training times p1_train.train_step (fp32 against p1_train.py's autocast); sampling speed is timed on a small
 batch and reported per image; accuracy uses `--per-digit` images per digit and dataset (one standard error is
-about sqrt(p (1 - p) / (10 * per_digit)) per dataset) scored by the evaluator of `p1_eval.py train`.
+about sqrt(p (1 - p) / (10 * per_digit)) per dataset) scored by the evaluator of `p1_eval.py train`, and FD_eval
+(`p1_eval.fd_eval`: the Fréchet distance to the real val images in the evaluator's features, beside the floor of
+two real halves with as many images). `--train-steps 0` and `--speed-images 0` skip the two speed measurements.
 """
 
 import argparse
@@ -23,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import interleaved_medians  # noqa: E402
 from p1_data import load_split, to_model_range  # noqa: E402
-from p1_eval import EVALUATOR_NAME, accuracy, load_evaluator, predict  # noqa: E402
+from p1_eval import EVALUATOR_NAME, accuracy, fd_eval, load_evaluator, predict, real_halves  # noqa: E402
 from p1_inference import find_latest_checkpoint, generate, sample_plan  # noqa: E402
-from p1_model import DATASETS, Diffusion, final  # noqa: E402
+from p1_model import DATASETS, SOLVERS, Diffusion, final  # noqa: E402
 from p1_train import (  # noqa: E402
     DEFAULT_DATA,
     DEFAULT_OUT,
@@ -36,6 +38,8 @@ from p1_train import (  # noqa: E402
     train_step,
 )
 from utils import Hw2Error, amp_dtype, atomic_write_text, get_device, run_cli, to_uint8  # noqa: E402
+
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp": "DPM-Solver++", "unipc": "UniPC"}
 
 
 def training_steps(config, images, digits, dataset_ids, batch_size, steps, device, dtype):
@@ -66,8 +70,9 @@ def sampling(diffusion, sampler, steps, guidance, count, device):
     return run
 
 
-def sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit, batch_size, device, tta=False):
-    """Per-dataset evaluator accuracy of `per_digit` images per digit, and the seconds the sampling took."""
+def sampler_accuracy(diffusion, evaluator, halves, sampler, steps, guidance, per_digit, batch_size, device, tta=False):
+    """Per dataset the evaluator accuracy and (FD_eval, floor) of `per_digit` images per digit (`halves`: the real
+    val features of `p1_eval.real_halves`), and the seconds the sampling took."""
     settings = Namespace(sampler=sampler, steps=steps, eta=0.0, guidance=guidance, seed=0, batch_size=batch_size)
     start = time.perf_counter()
     images, _ = generate(diffusion, settings, device, per_digit=per_digit)
@@ -79,7 +84,33 @@ def sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit, 
     digit = torch.tensor([p[1] for p in plan])
     accs = [accuracy(predict(evaluator, images[dataset == d].to(device), tta=tta), digit[dataset == d])[0]
             for d in range(len(DATASETS))]
-    return accs, seconds
+    fds = [fd_eval(evaluator, images[dataset == d].to(device), halves[d]) for d in range(len(DATASETS))]
+    return accs, fds, seconds
+
+
+def training_speed(args, config, state, device):
+    """The report lines of p1_train.train_step's speed, fp32 against p1_train.py's autocast, side by side."""
+    images, digits, dataset_ids = load_split(args.data, "train", limit=args.train_images)
+    batch_size = args.batch_size or state.get("train", {}).get("batch_size", 64)
+    fp32, mixed = interleaved_medians([
+        training_steps(config, images, digits, dataset_ids, batch_size, args.train_steps, device, dtype)
+        for dtype in (torch.float32, None)], device, args.repeats)
+    rate = {name: args.train_steps * batch_size / seconds for name, seconds in (("fp32", fp32), ("mixed", mixed))}
+    dtype = amp_dtype(device, cpu_bf16=True)
+    line = (f"- Training (batch {batch_size}, {args.train_steps} steps of p1_train.train_step, median of "
+            f"{args.repeats}): fp32 {rate['fp32']:.0f} images/s; as p1_train.py runs it "
+            f"({'autocast ' + str(dtype).replace('torch.', '') if dtype else 'fp32: no native bf16'}) "
+            f"{rate['mixed']:.0f} images/s = {rate['mixed'] / rate['fp32']:.2f}x.")
+    print(line, flush=True)
+    return [line, ""]
+
+
+def accuracy_row(sampler, steps, guidance, images, accs, fds, images_per_s):
+    """One row of the accuracy table (read back by report_p1.guidance_sweep): accs per dataset, fds per dataset as
+    (FD_eval, floor), `images` per dataset."""
+    return (f"| {SAMPLER_NAMES[sampler]}-{steps} | {guidance:g} | {images} | {accs[0]:.3f} | {accs[1]:.3f} | "
+            f"{sum(accs) / 2:.3f} | {fds[0][0]:.1f} ({fds[0][1]:.1f}) | {fds[1][0]:.1f} ({fds[1][1]:.1f}) | "
+            f"{images_per_s:.2f} |")
 
 
 def parse_runs(text, per_digit):
@@ -91,8 +122,9 @@ def parse_runs(text, per_digit):
             runs.append((sampler, int(steps), float(guidance), int(count[0]) if count else per_digit))
         except (ValueError, IndexError) as err:
             raise Hw2Error(f"--runs item {item!r} is not sampler:steps:guidance[:per_digit] (e.g. ddim:50:4)") from err
-        if sampler not in ("ddim", "ddpm") or len(count) > 1:
-            raise Hw2Error(f"--runs item {item!r}: the sampler must be ddim or ddpm, then steps:guidance[:per_digit]")
+        if sampler not in ("ddim", "ddpm", *SOLVERS) or len(count) > 1:
+            raise Hw2Error(f"--runs item {item!r}: the sampler must be ddim, ddpm, {', '.join(SOLVERS)}, then "
+                           f"steps:guidance[:per_digit]")
     return runs
 
 
@@ -100,47 +132,40 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     device = get_device(args.device)
     ckpt = Path(args.ckpt) if args.ckpt else find_latest_checkpoint(DEFAULT_OUT)
-    diffusion, state = load_model_checkpoint(ckpt)
+    diffusion, state = load_model_checkpoint(ckpt, args.weights)
     diffusion = diffusion.to(device).eval()
     config = diffusion.config
     lines = [f"## P1 benchmark ({args.machine})", "",
-             f"Checkpoint `{ckpt}` (epoch {state.get('epoch')}, schedule {config.schedule}, prediction "
-             f"{config.prediction}, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M parameters), "
-             f"device {device}, {torch.get_num_threads()} torch threads.", ""]
+             f"Checkpoint `{ckpt}` ({args.weights} weights, epoch {state.get('epoch')}, schedule {config.schedule}, "
+             f"prediction {config.prediction}, {sum(p.numel() for p in diffusion.parameters()) / 1e6:.2f} M "
+             f"parameters), device {device}, {torch.get_num_threads()} torch threads.", ""]
 
-    images, digits, dataset_ids = load_split(args.data, "train", limit=args.train_images)
-    batch_size = args.batch_size or state.get("train", {}).get("batch_size", 64)
-    fp32, mixed = interleaved_medians([
-        training_steps(config, images, digits, dataset_ids, batch_size, args.train_steps, device, dtype)
-        for dtype in (torch.float32, None)], device, args.repeats)
-    rate = {name: args.train_steps * batch_size / seconds for name, seconds in (("fp32", fp32), ("mixed", mixed))}
-    dtype = amp_dtype(device, cpu_bf16=True)
-    lines += [f"- Training (batch {batch_size}, {args.train_steps} steps of p1_train.train_step, median of "
-              f"{args.repeats}): fp32 {rate['fp32']:.0f} images/s; as p1_train.py runs it "
-              f"({'autocast ' + str(dtype).replace('torch.', '') if dtype else 'fp32: no native bf16'}) "
-              f"{rate['mixed']:.0f} images/s = {rate['mixed'] / rate['fp32']:.2f}x.", ""]
-    print(lines[-2], flush=True)
-
-    samplers = [("ddpm", config.timesteps), ("ddim", 100), ("ddim", 50), ("ddim", 25)]
-    seconds = interleaved_medians([sampling(diffusion, sampler, steps, args.guidance, args.speed_images, device)
-                                   for sampler, steps in samplers], device, args.repeats)
-    lines += [f"Sampling {args.speed_images} images per call (guided, w = {args.guidance}), median of {args.repeats}:",
-              "", "| sampler | images/s | s per image | speed-up vs DDPM-1000 |", "|---|---|---|---|"]
-    for (sampler, steps), time_s in zip(samplers, seconds):
-        lines.append(f"| {sampler.upper()}-{steps} | {args.speed_images / time_s:.2f} | "
-                     f"{time_s / args.speed_images:.3f} | {seconds[0] / time_s:.1f}x |")
-        print(lines[-1], flush=True)
+    if args.train_steps > 0:
+        lines += training_speed(args, config, state, device)
+    samplers = [("ddpm", config.timesteps), ("ddim", 100), ("ddim", 50), ("ddim", 25), ("dpmpp", 10), ("unipc", 10)]
+    if args.speed_images > 0:
+        seconds = interleaved_medians([sampling(diffusion, sampler, steps, args.guidance, args.speed_images, device)
+                                       for sampler, steps in samplers], device, args.repeats)
+        lines += [f"Sampling {args.speed_images} images per call (guided, w = {args.guidance}), median of "
+                  f"{args.repeats}:", "", "| sampler | images/s | s per image | speed-up vs DDPM-1000 |",
+                  "|---|---|---|---|"]
+        for (sampler, steps), time_s in zip(samplers, seconds):
+            lines.append(f"| {SAMPLER_NAMES[sampler]}-{steps} | {args.speed_images / time_s:.2f} | "
+                         f"{time_s / args.speed_images:.3f} | {seconds[0] / time_s:.1f}x |")
+            print(lines[-1], flush=True)
 
     if args.runs:
         evaluator = load_evaluator(args.evaluator, device)
-        lines += ["", f"Evaluator accuracy (seed 0; images = per dataset{'; --tta' if args.tta else ''}):", "",
-                  "| sampler | guidance w | images | MNIST-M | SVHN | mean | sampling s |",
-                  "|---|---|---|---|---|---|---|"]
+        halves = real_halves(evaluator, args.data, device)
+        lines += ["", f"Evaluator accuracy and FD_eval (seed 0; images = per dataset; FD_eval against "
+                  f"{len(halves[0][0])} / {len(halves[1][0])} real MNIST-M / SVHN val images, in brackets two "
+                  f"real halves with as many images{'; --tta' if args.tta else ''}):", "",
+                  "| sampler | guidance w | images | MNIST-M | SVHN | mean | FD_eval MNIST-M | FD_eval SVHN | "
+                  "images/s |", "|---|---|---|---|---|---|---|---|---|"]
         for sampler, steps, guidance, per_digit in parse_runs(args.runs, args.per_digit):
-            accs, seconds = sampler_accuracy(diffusion, evaluator, sampler, steps, guidance, per_digit,
-                                             args.sample_batch, device, args.tta)
-            lines.append(f"| {sampler.upper()}-{steps} | {guidance:g} | {10 * per_digit} | {accs[0]:.3f} | "
-                         f"{accs[1]:.3f} | {sum(accs) / 2:.3f} | {seconds:.0f} |")
+            accs, fds, seconds = sampler_accuracy(diffusion, evaluator, halves, sampler, steps, guidance, per_digit,
+                                                  args.sample_batch, device, args.tta)
+            lines.append(accuracy_row(sampler, steps, guidance, 10 * per_digit, accs, fds, 20 * per_digit / seconds))
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.report:
@@ -153,20 +178,26 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=str, default=None,
                         help=f"Diffusion checkpoint; default: the newest ddpm*.safetensors in {DEFAULT_OUT}.")
+    parser.add_argument("--weights", type=str, default="ema", choices=["ema", "model"],
+                        help="Sample with the checkpoint's EMA weights (as p1_inference.py does) or its training "
+                             "weights (for a short run, whose EMA still holds much of the initial network).")
     parser.add_argument("--data", type=str, default=DEFAULT_DATA, help="Digits folder for the training timing.")
     parser.add_argument("--evaluator", type=str, default=str(Path(DEFAULT_OUT) / EVALUATOR_NAME),
                         help="Evaluator checkpoint from `p1_eval.py train`.")
     parser.add_argument("--train-images", type=int, default=256, help="Training images per dataset to load.")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="Batch size of the training timing; default: the checkpoint's training batch size.")
-    parser.add_argument("--train-steps", type=int, default=10, help="Optimizer steps per timed call.")
+    parser.add_argument("--train-steps", type=int, default=10,
+                        help="Optimizer steps per timed call; 0 skips the training-speed measurement.")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Timed rounds of every training and sampling variant, after one warm-up call each; "
                              "the median is shown.")
-    parser.add_argument("--speed-images", type=int, default=8, help="Images per sampling-speed measurement.")
+    parser.add_argument("--speed-images", type=int, default=8,
+                        help="Images per sampling-speed measurement; 0 skips it.")
     parser.add_argument("--guidance", type=float, default=5.0, help="Guidance weight of the speed measurements.")
     parser.add_argument("--runs", type=str,
-                        default="ddim:25:0,ddim:25:1,ddim:25:2,ddim:25:3,ddim:25:5,ddim:25:7,ddim:25:10,ddim:50:5,ddpm:1000:5",
+                        default="dpmpp:10:0,dpmpp:10:1,dpmpp:10:2,dpmpp:10:3,dpmpp:10:5,dpmpp:10:7,dpmpp:10:10,"
+                                "unipc:10:5,ddim:25:5,ddim:50:5,ddpm:1000:5",
                         help="Accuracy runs as sampler:steps:guidance[:per_digit], comma-separated; empty to skip.")
     parser.add_argument("--per-digit", type=int, default=10, help="Images per digit and dataset per accuracy run.")
     parser.add_argument("--sample-batch", type=int, default=250, help="Batch size of the accuracy runs.")

@@ -17,6 +17,8 @@ import make_report
 import p1_inference
 import p1_train
 import p3_clip_zeroshot
+import report_p1
+from benchmarks import p1_bench
 from toy_data import TINY_SD_RESOLUTION
 from utils import Hw2Error
 
@@ -168,6 +170,25 @@ def test_a_failing_part_is_recorded_and_exits_1(toy_world, tmp_path, monkeypatch
     assert "FAILED (RuntimeError: boom)" in capsys.readouterr().out
     assert "**Failed:** RuntimeError: boom" in (tmp_path / "report.md").read_text()
     assert "Traceback" in (tmp_path / "logs" / "p2.log").read_text()
+
+
+def test_the_accuracy_fd_figure_reads_p1_benchs_rows_back(tmp_path):
+    """Rows written by p1_bench.accuracy_row are read back by report_p1.guidance_sweep, value for value; the sweep
+    is the sampler run at the most guidance weights; its figure is the same bytes twice."""
+    fds = [(30.5, 2.5), (12.25, 1.75)]
+    rows = [p1_bench.accuracy_row("dpmpp", 10, w, 200, [0.5 + w / 20, 0.6 + w / 40],
+                                  [(fd + w, floor) for fd, floor in fds], 3.5) for w in (0, 2, 5, 7)]
+    rows.append(p1_bench.accuracy_row("ddim", 25, 5, 500, [0.9, 0.95], fds, 2.0))
+    sampler, sweep = report_p1.guidance_sweep("\n".join(["| sampler | guidance w | ... |", *rows]))
+    assert sampler == "DPM-Solver++-10" and [w for w, _ in sweep] == [0, 2, 5, 7]
+    assert [float(row["mnistm"]) for _, row in sweep] == [0.5, 0.6, 0.75, 0.85]
+    assert [float(row["fd_svhn"]) for _, row in sweep] == [12.2, 14.2, 17.2, 19.2]  # 12.25 printed as 12.2
+    assert {row["floor_mnistm"] for _, row in sweep} == {"2.5"} and sweep[0][1]["images"] == "200"
+    assert report_p1.guidance_sweep("\n".join(rows[:2])) == (None, [])  # fewer than three weights: no figure
+    for name in ("a.png", "b.png"):
+        report_p1.accuracy_fd_figure(sampler, sweep, "svhn", tmp_path / name)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert Image.open(tmp_path / "a.png").size == (500, 360)
 
 
 def test_bad_parts_flag_is_one_clear_error():

@@ -38,8 +38,8 @@ def tiny_checkpoint(toy_world, tmp_path_factory):
 
 def test_inference_writes_the_grader_layout_and_figures(tiny_checkpoint, tmp_path):
     out, figures = tmp_path / "out", tmp_path / "figures"
-    result = run("p1_inference.py", str(out), "--ckpt", str(tiny_checkpoint), "--steps", "2", "--guidance", "0",
-                 "--eta", "1", "--batch-size", "125", "--figures", str(figures))
+    result = run("p1_inference.py", str(out), "--ckpt", str(tiny_checkpoint), "--sampler", "ddim", "--steps", "2",
+                 "--guidance", "0", "--eta", "1", "--batch-size", "125", "--figures", str(figures))
     assert result.returncode == 0, result.stderr[-2000:]
     expected = sorted(f"{digit}_{i:03d}.png" for digit in range(10) for i in range(1, 51))
     for name in ("mnistm", "svhn"):
@@ -52,8 +52,8 @@ def test_inference_writes_the_grader_layout_and_figures(tiny_checkpoint, tmp_pat
     with Image.open(figures / "p1_grid_svhn.png") as grid:
         assert grid.size == (10 * 30 + 2, 10 * 30 + 2)  # 10x10 tiles of 28 px, 2 px padding
     # one noise stream per image: another batch size gives the same files, byte for byte, even with eta = 1
-    again = run("p1_inference.py", str(tmp_path / "again"), "--ckpt", str(tiny_checkpoint), "--steps", "2",
-                "--guidance", "0", "--eta", "1", "--batch-size", "50")
+    again = run("p1_inference.py", str(tmp_path / "again"), "--ckpt", str(tiny_checkpoint), "--sampler", "ddim",
+                "--steps", "2", "--guidance", "0", "--eta", "1", "--batch-size", "50")
     assert again.returncode == 0, again.stderr[-2000:]
     differing = [f"{name}/{file_name}" for name in ("mnistm", "svhn") for file_name in expected
                  if (out / name / file_name).read_bytes() != (tmp_path / "again" / name / file_name).read_bytes()]
@@ -119,7 +119,7 @@ def test_unwritable_out_dir_is_one_line(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["foreign_checkpoint", "evaluator_checkpoint", "missing_checkpoint", "bad_steps",
-                                  "eta_above_1", "negative_eta"])
+                                  "eta_above_1", "negative_eta", "eta_for_a_solver"])
 def test_bad_input_is_refused_before_writing(tiny_checkpoint, tmp_path, case):
     ckpt, extra = str(tiny_checkpoint), []
     if case == "foreign_checkpoint":
@@ -133,11 +133,12 @@ def test_bad_input_is_refused_before_writing(tiny_checkpoint, tmp_path, case):
     elif case == "missing_checkpoint":
         ckpt = str(tmp_path / "nope.safetensors")
     else:
-        extra = {"bad_steps": ["--steps", "0"], "eta_above_1": ["--eta", "1.5"],
-                 "negative_eta": ["--eta", "-0.1"]}[case]
+        extra = {"bad_steps": ["--steps", "0"], "eta_above_1": ["--eta", "1.5"], "negative_eta": ["--eta", "-0.1"],
+                 "eta_for_a_solver": ["--sampler", "unipc", "--eta", "0.5"]}[case]
     expected = {"foreign_checkpoint": "other.safetensors", "evaluator_checkpoint": "evaluator.safetensors",
                 "missing_checkpoint": "nope.safetensors", "bad_steps": "--steps",
-                "eta_above_1": "--eta must be between 0 and 1", "negative_eta": "--eta must be between 0 and 1"}[case]
+                "eta_above_1": "--eta must be between 0 and 1", "negative_eta": "--eta must be between 0 and 1",
+                "eta_for_a_solver": "--sampler unipc does not use it"}[case]
     with pytest.raises(Hw2Error, match=expected):
         p1_inference.main([str(tmp_path / "out"), "--ckpt", ckpt, *extra])
     assert not (tmp_path / "out").exists()
@@ -186,7 +187,7 @@ def test_eval_train_and_score_smoke(toy_world, tmp_path):
     out = tmp_path / "generated"
     write_fake_outputs(toy_world, out, per_digit=5)
     result = run("p1_eval.py", "--device", "cpu", "score", str(out), "--evaluator",
-                 str(tmp_path / p1_eval.EVALUATOR_NAME))
+                 str(tmp_path / p1_eval.EVALUATOR_NAME), "--data", str(data))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("MNIST-M acc = 0.") and "(correct/total = " in lines[0] and lines[0].endswith("/50)")
@@ -194,6 +195,8 @@ def test_eval_train_and_score_smoke(toy_world, tmp_path):
     scored = parse_accuracies(result.stdout, " acc = ")
     assert min(scored.values()) >= 0.4, result.stdout
     assert float(lines[2].split("=")[1]) == pytest.approx(sum(scored.values()) / 2, abs=1e-4)
+    assert lines[3].startswith("MNIST-M FD_eval = ") and lines[4].startswith("SVHN FD_eval = ") and len(lines) == 5
+    assert "50 generated vs " in lines[3] and "two real halves with as many images: " in lines[3], lines[3]
 
 
 def test_predict_takes_one_plain_argmax_per_image_unless_tta_is_asked_for():
@@ -233,13 +236,15 @@ def test_benchmark_runs_end_to_end(toy_world, tiny_checkpoint, tmp_path, one_tor
     report = tmp_path / "bench.md"
     text = p1_bench.main(["--ckpt", str(tiny_checkpoint), "--data", str(toy_world / "digits"), "--evaluator",
                           str(evaluator), "--train-images", "8", "--batch-size", "4", "--train-steps", "1",
-                          "--repeats", "1", "--speed-images", "1", "--runs", "ddim:2:0:1,ddim:2:5:1",
-                          "--report", str(report), "--device", "cpu"])
+                          "--repeats", "1", "--speed-images", "1", "--report", str(report), "--device", "cpu",
+                          "--runs", "ddim:2:0:1,ddim:2:5:1,dpmpp:2:5:1,unipc:3:5:1"])
     assert report.read_text() == text
     assert "fp32" in text and "images/s" in text
     assert "Sampling 1 images per call (guided, w = 5.0), median of 1:" in text
-    for row in ("| DDPM-1000 |", "| DDIM-25 |", "| DDIM-2 | 0 | 10 |", "| DDIM-2 | 5 | 10 |"):
+    for row in ("| DDPM-1000 |", "| DDIM-25 |", "| DPM-Solver++-10 |", "| UniPC-10 |", "| DDIM-2 | 0 | 10 |",
+                "| DDIM-2 | 5 | 10 |", "| DPM-Solver++-2 | 5 | 10 |", "| UniPC-3 | 5 | 10 |"):
         assert row in text
+    assert "| FD_eval MNIST-M | FD_eval SVHN | images/s |" in text
 
 
 def test_sampling_is_full_fp32_unless_autocast_is_asked_for(monkeypatch):

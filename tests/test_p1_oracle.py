@@ -12,6 +12,11 @@ diffusers' timesteps. The mean is mu exactly. The variance is not s^2 exactly: D
 DDPM uses the posterior variance beta_tilde, so with s = 0.25 DDIM-50 ends 10-30 % low (diffusers' own
 DDIMScheduler gives the same), DDPM-1000 a few percent low. The samples must match those exact moments within
 sampling error; a wrong coefficient, timestep, clipping rule or noise scale moves them by many standard errors.
+
+The high-order solvers (DPM-Solver++ 2M, UniPC) are deterministic: they integrate the probability-flow ODE, whose
+exact solution maps x_T to mu + s (x_T - sqrt(a_T) mu) / sqrt(c_T) (a_T = alpha_bar at t = T - 1), so their samples
+must have that map's mean and variance s^2 / c_T, up to the solver's own error (at 100 steps, under 2 % of the
+variance) and sampling error.
 """
 
 import math
@@ -21,10 +26,13 @@ import torch
 from diffusers import DDIMScheduler
 
 import p1_model as pm
+from p1_solvers import solver_sample
 
 MU, S = 0.1, 0.25  # data N(0.1, 0.25^2): beyond +-1 only 3.6 sigma out, so clipping x0 to [-1, 1] costs nothing
 SAMPLES = 40_000  # independent scalars (shape [N, 1, 1, 1]) in float32, as at inference
 SAMPLERS = [("ddpm", 1000, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)]
+SOLVERS = [("dpmpp", 100), ("unipc", 100)]
+SOLVER_VARIANCE_ERROR = 0.03  # relative; measured 0.5-1.5 % at 100 steps, DDIM-100 is 5-11 % low
 
 
 def schedule_of(name):
@@ -97,15 +105,42 @@ def test_the_oracle_samples_the_data_distribution(schedule, prediction, sampler,
                                        f"(s^2 = {S**2}), standard error {var_se:.5f}")
 
 
-def test_clipping_keeps_cosine_eps_ddim_sane_for_an_imperfect_network(one_torch_thread):
+def ode_moments(alpha_bar):
+    """Mean and variance of the exact probability-flow ODE map from x_T ~ N(0, 1) at t = T - 1 to x_0."""
+    a = float(alpha_bar[-1])
+    c = a * S**2 + 1 - a
+    return MU - S * math.sqrt(a) * MU / math.sqrt(c), S**2 / c
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("sampler,steps", SOLVERS)
+def test_the_oracle_solvers_sample_the_data_distribution(schedule, prediction, sampler, steps, one_torch_thread):
+    betas, alpha_bar = schedule_of(schedule)
+    x = sample(oracle(alpha_bar, prediction), sampler, steps, 0.0, betas, alpha_bar, prediction)
+    mean, var = float(x.mean()), float(x.var())
+    m, v = ode_moments(alpha_bar)
+    mean_se, var_se = math.sqrt(v / SAMPLES), v * math.sqrt(2 / (SAMPLES - 1))
+    label = f"{schedule}/{prediction}/{sampler}-{steps}"
+    assert abs(mean - m) < 5 * mean_se, f"{label}: sample mean {mean:.5f}, exact {m:.5f}, standard error {mean_se:.5f}"
+    assert abs(var - v) < 5 * var_se + SOLVER_VARIANCE_ERROR * v, \
+        f"{label}: sample variance {var:.5f}, the ODE's {v:.5f}, standard error {var_se:.5f}"
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp", "unipc"])
+def test_clipping_keeps_cosine_eps_sampling_sane_for_an_imperfect_network(sampler, one_torch_thread):
     """At the cosine schedule's first trailing step alpha_bar = 2.4e-9: an eps error of 0.01 becomes an x0 error
-    of 0.01 / sqrt(alpha_bar) = 200 unless x0 is clipped. P1 clips (and re-derives eps) and stays within 0.05 of
-    the data's moments; unclipped, the samples' mean is off by more than 1."""
+    of 0.01 / sqrt(alpha_bar) = 200 unless x0 is clipped. P1 clips (DDIM re-derives eps; the solvers clamp their
+    x_0 prediction by diffusers' thresholding) and stays within 0.05 of the data's moments; unclipped, the samples'
+    mean is off by more than 0.5 (ten times the tolerance)."""
     betas, alpha_bar = schedule_of("cosine")
     denoise = oracle(alpha_bar, "eps", error=0.01)
-    clipped = sample(denoise, "ddim", 50, 0.0, betas, alpha_bar, "eps")
+    clipped = sample(denoise, sampler, 50, 0.0, betas, alpha_bar, "eps")
     assert abs(float(clipped.mean()) - MU) < 0.05 and abs(float(clipped.std()) - S) < 0.05, \
         f"clipped: mean {float(clipped.mean()):.3f}, std {float(clipped.std()):.3f}; data N({MU}, {S}^2)"
     x_T = torch.randn(SAMPLES, 1, 1, 1, generator=torch.Generator().manual_seed(0))
-    unclipped = pm.final(pm.ddim_sample(denoise, x_T, alpha_bar, "eps", 50, clip=False))
-    assert abs(float(unclipped.mean()) - MU) > 1, f"unclipped: mean {float(unclipped.mean()):.3f}, mu = {MU}"
+    if sampler == "ddim":
+        unclipped = pm.final(pm.ddim_sample(denoise, x_T, alpha_bar, "eps", 50, clip=False))
+    else:
+        unclipped = pm.final(solver_sample(denoise, x_T, betas, "eps", sampler, 50, clip=False))
+    assert abs(float(unclipped.mean()) - MU) > 0.5, f"unclipped: mean {float(unclipped.mean()):.3f}, mu = {MU}"

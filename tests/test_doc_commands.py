@@ -12,7 +12,6 @@ import re
 import shlex
 
 import pytest
-
 from conftest import REPO
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

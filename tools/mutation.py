@@ -100,7 +100,11 @@ def main(args):
     workdir = Path(args.workdir).resolve()
     prepare(workdir)
     patterns = [mutant_pattern(module, f) for module, functions in FUNCTIONS.items() for f in functions]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "HW2_TEST_TOY_WORLD": str(workdir / "toy" / "hw2_data")}
+    # one toy world for every test session mutmut starts, instead of one per mutant
+    subprocess.run([sys.executable, "toy_data.py", "--out", env["HW2_TEST_TOY_WORLD"], "--seed", "0"], cwd=REPO,
+                   env=env, check=True)
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs), *patterns]
     run = subprocess.run(command, cwd=workdir, env=env)
     if run.returncode != 0:

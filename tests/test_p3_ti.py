@@ -297,6 +297,26 @@ def test_generate_writes_the_graders_layout(ti_dir, random_embeds, tmp_path):
         assert image.size == (32, 32) and image.mode == "RGB"
 
 
+def test_the_learned_rows_change_the_image_at_the_same_seed(ti_dir, random_embeds, tmp_path):
+    """The same seed with <new1>'s row moved: the images of concept 0 (whose prompts hold <new1>) change, those of
+    concept 1 (only <new2>) stay. Fails if the learned rows never reach the text encoder (e.g. the token is added
+    but its row left at the initializer's), or if one concept's file leaks into the other's prompts."""
+    moved = tmp_path / "moved"
+    shutil.copytree(random_embeds, moved)
+    rows = load_file(moved / "0" / ti.EMBEDS_FILE)["<new1>"]
+    concepts.save_learned_embeds(moved / "0" / ti.EMBEDS_FILE, "<new1>", rows + 3 * torch.ones_like(rows))
+    for embeds, out in ((random_embeds, tmp_path / "base"), (moved, tmp_path / "moved_out")):
+        ti.main(["generate", str(ti_dir / "input.json"), str(out), "--embeds", str(embeds), "--steps", "2",
+                 "--num-images", "1", "--seed", "5", "--device", "cpu"])
+
+    def pixels(root, concept):
+        return np.asarray(Image.open(root / concept / "0" / f"source{concept}_prompt0_0.png"), dtype=np.int16)
+
+    # the toy UNet's random cross-attention weighs the text lightly: a few grey levels, but never none at all
+    assert not np.array_equal(pixels(tmp_path / "base", "0"), pixels(tmp_path / "moved_out", "0"))
+    assert np.array_equal(pixels(tmp_path / "base", "1"), pixels(tmp_path / "moved_out", "1"))
+
+
 def test_generate_fills_the_courses_output_folder_and_loses_nothing(ti_dir, random_embeds, tmp_path, monkeypatch):
     """The course grades with --output_dir output_folder_example, whose prompt folders each hold
     put_your_25_images_here.txt: it stays untouched (same inode, bytes and time). A rerun replaces our own earlier

@@ -169,12 +169,22 @@ def test_minmax_postprocess_is_torchvisions_save_image_normalize(tmp_path):
 def test_clamp_postprocess():
     x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
     assert to_uint8(to_display(x, "clamp"))[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255]
+    # to_display itself returns [-1, 1] (to_uint8 would hide a wrong bound by clamping again)
+    assert to_display(x, "clamp")[0, 0, 0].tolist() == [-1.0, -1.0, 0.0, 0.5, 1.0]
+
+
+def test_minmax_stretches_a_small_range_to_minus_one_one():
+    """An image spanning only [0.2, 0.5] still maps to [-1, 1]: the 1e-5 guard only stops a division by zero."""
+    x = torch.tensor([0.2, 0.35, 0.5]).reshape(1, 1, 1, 3).expand(1, 3, 1, 3)
+    torch.testing.assert_close(to_display(x, "minmax")[0, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
 
 
 def test_mse_is_on_the_255_scale_without_wraparound():
     black, white = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 255, np.uint8)
     assert mse_255(black, white) == 255.0**2
     assert mse_255(white, black) == 255.0**2
+    a, b = np.array([10, 250], np.uint8), np.array([20, 0], np.uint8)
+    assert mse_255(a, b) == (10**2 + 250**2) / 2  # fails on a sum where the difference belongs
 
 
 # ---------------------------------------------------------------------------------------------- inputs

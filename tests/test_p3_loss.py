@@ -61,9 +61,14 @@ def test_the_loss_is_the_mse_between_the_unets_output_and_its_target(prediction_
         return SimpleNamespace(sample=target + delta)
 
     unet.dtype = torch.float32
-    text_encoder = lambda input_ids: (condition, "pooled")  # noqa: E731
-    loss = training.denoising_loss(unet, text_encoder, sched, z_0, torch.zeros(3, 77, dtype=torch.long), eps, T)
-    per_sample = training.denoising_loss(unet, text_encoder, sched, z_0, None, eps, T, per_sample=True)
+    input_ids = torch.arange(3 * 77).reshape(3, 77)
+
+    def text_encoder(ids):
+        assert ids is input_ids, "the text encoder did not get the batch's token ids"
+        return condition, "pooled"
+
+    loss = training.denoising_loss(unet, text_encoder, sched, z_0, input_ids, eps, T)
+    per_sample = training.denoising_loss(unet, text_encoder, sched, z_0, input_ids, eps, T, per_sample=True)
     expected = (delta**2).expand_as(z_0).flatten(1).mean(1)
     torch.testing.assert_close(per_sample, expected)
     torch.testing.assert_close(loss, expected.mean())

@@ -338,6 +338,17 @@ def test_checkpoint_corrupt_truncated_and_foreign(tmp_path):
             utils.load_checkpoint(path)
     with pytest.raises(Hw2Error, match="no hw2 metadata"):
         utils.load_checkpoint(tmp_path / "foreign.safetensors")
+    with pytest.raises(Hw2Error, match=r"\(SafetensorError: ") as damaged:  # the reader's own words for real damage
+        utils.load_checkpoint(tmp_path / "truncated.safetensors")
+    assert "no hw2 metadata" not in str(damaged.value)
+
+
+def test_checkpoint_tensors_inside_lists_come_back(tmp_path):
+    state = {"moments": [torch.arange(3.0), {"inner": [torch.ones(2, 2), 4]}], "step": 7}
+    utils.save_checkpoint(tmp_path / "lists.safetensors", state)
+    loaded = utils.load_checkpoint(tmp_path / "lists.safetensors")
+    assert torch.equal(loaded["moments"][0], torch.arange(3.0)) and loaded["step"] == 7
+    assert torch.equal(loaded["moments"][1]["inner"][0], torch.ones(2, 2)) and loaded["moments"][1]["inner"][1] == 4
 
 
 # ------------------------------------------------------------------------------------------- .pt files

@@ -34,8 +34,8 @@ FUNCTIONS = {
     "utils": ["_unflatten", "load_checkpoint", "load_torch_file"],
 }
 # the test files that exercise them; mutmut picks, per function, the tests among these that call it
-TESTS = ["tests/test_p1_model.py", "tests/test_p1_loss.py", "tests/test_p2_ddim.py", "tests/test_p3_score.py",
-         "tests/test_p3_loss.py", "tests/test_utils.py"]
+TESTS = ["tests/test_p1_model.py", "tests/test_p1_loss.py", "tests/test_p1_sampling.py", "tests/test_p2_ddim.py",
+         "tests/test_p3_score.py", "tests/test_p3_loss.py", "tests/test_utils.py"]
 KILLED = {"killed", "timeout", "segfault"}  # a mutant that crashes or hangs the tests is caught as well
 
 

@@ -79,3 +79,17 @@ def test_guidance_passes_each_branch_its_timesteps():
     expected = 4 * net(x, t, digit, dataset) - 3 * net(x, t, null, dataset)
     torch.testing.assert_close(pm.guided_output(net, x, t, digit, dataset, 3.0), expected)
     torch.testing.assert_close(pm.guided_output(net, x, t, digit, dataset, 0.0), net(x, t, digit, dataset))
+
+
+def test_the_defaults_are_the_documented_ones():
+    """Course betas 1e-4..0.02; a config's own beta_end is used; DDIM defaults to eta = 0 with clipping, and
+    run_sampler to DDIM-50; fails on a changed default."""
+    torch.testing.assert_close(pm.linear_beta_schedule(1000), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    assert pm.make_betas(pm.P1Config(beta_end=0.03))[-1].item() == pytest.approx(0.03)
+    betas, alpha_bar = schedule()
+    explicit = pm.ddim_sample(denoiser, x_T(), alpha_bar, "eps", 4, eta=0.0, clip=True)
+    assert torch.equal(pm.final(pm.ddim_sample(denoiser, x_T(), alpha_bar, "eps", 4)), pm.final(explicit))
+    betas = pm.make_betas(pm.P1Config(schedule="cosine"))
+    alpha_bar = pm.alpha_bar_from_betas(betas)
+    steps = [t for t, _ in pm.run_sampler(denoiser, x_T(), betas, alpha_bar, "v")]
+    assert len(steps) == 51 and steps == [t for t, _ in pm.ddim_sample(denoiser, x_T(), alpha_bar, "v", 50)]

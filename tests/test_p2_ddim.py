@@ -177,6 +177,7 @@ def test_minmax_stretches_a_small_range_to_minus_one_one():
     """An image spanning only [0.2, 0.5] still maps to [-1, 1]: the 1e-5 guard only stops a division by zero."""
     x = torch.tensor([0.2, 0.35, 0.5]).reshape(1, 1, 1, 3).expand(1, 3, 1, 3)
     torch.testing.assert_close(to_display(x, "minmax")[0, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(to_display(x), to_display(x, "minmax")), "min-max is the default, as the course's save_image"
 
 
 def test_mse_is_on_the_255_scale_without_wraparound():

@@ -336,7 +336,7 @@ def test_checkpoint_corrupt_truncated_and_foreign(tmp_path):
         path = tmp_path / f"{name}.safetensors"
         with pytest.raises(Hw2Error, match=f"{name}.safetensors is not a valid hw2 checkpoint"):
             utils.load_checkpoint(path)
-    with pytest.raises(Hw2Error, match="no hw2 metadata"):
+    with pytest.raises(Hw2Error, match=r"\(no hw2 metadata in its header\)$"):
         utils.load_checkpoint(tmp_path / "foreign.safetensors")
     with pytest.raises(Hw2Error, match=r"\(SafetensorError: ") as damaged:  # the reader's own words for real damage
         utils.load_checkpoint(tmp_path / "truncated.safetensors")
@@ -378,8 +378,11 @@ def test_load_torch_file_missing_and_truncated(tmp_path):
     torch.save(torch.randn(1, 3, 16, 16), tmp_path / "full.pt")
     data = (tmp_path / "full.pt").read_bytes()
     (tmp_path / "01.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(Hw2Error, match="cannot load .*01.pt"):
+    with pytest.raises(Hw2Error, match="cannot load .*01.pt") as damaged:
         utils.load_torch_file(tmp_path / "01.pt")
+    with pytest.raises(Exception) as torch_error:  # the message names torch's own first line of the reason
+        torch.load(tmp_path / "01.pt", weights_only=True)
+    assert str(damaged.value).endswith(f"01.pt: {str(torch_error.value).strip().splitlines()[0]}"), damaged.value
 
 
 def test_load_torch_file_never_runs_pickled_code(tmp_path):

@@ -187,13 +187,20 @@ def test_bf16_autocast_runs_the_frozen_models_in_bf16_close_to_fp32(toy_sd):
     assert cosine > 0.9, cosine
 
 
-def test_the_training_flags_run_end_to_end_and_are_recorded(ti_dir, tmp_path):
+def test_the_training_flags_run_end_to_end_and_are_recorded(ti_dir, toy_sd, tmp_path):
+    """3 optimizer steps of 2 accumulated micro-batches in bf16: the learned row leaves the initializer's, by at
+    most AdamW's bound of about lr per coordinate and step (3 x 2e-3). Fails if accumulation never steps (the row
+    stays) or the update is not scaled by the learning rate."""
     out = tmp_path / "flags"
     ti.main(train_args(str(ti_dir / "0"), "--token", "<new1>", "--init-token", "rocket", "--out", str(out),
                        "--grad-accum", "2", "--mixed-precision", "bf16", "--gradient-checkpointing"))
     state = ti.load_checkpoint(out / ti.STATE_FILE)
     assert state["step"] == 3 and (state["config"]["grad_accum"], state["config"]["mixed_precision"]) == (2, "bf16")
-    assert torch.isfinite(load_file(out / ti.EMBEDS_FILE)["<new1>"]).all()
+    learned = load_file(out / ti.EMBEDS_FILE)["<new1>"]
+    _, new_ids, embedding, _, _ = ready_to_train(toy_sd)  # <new1> initialised from "rocket", before any step
+    moved = (learned - embedding.weight.detach()[new_ids]).abs()
+    assert torch.isfinite(learned).all() and moved.max() > 1e-4, "the learned row did not move"
+    assert moved.max() <= 3 * 2e-3 * 1.05, f"the row moved {moved.max():.2e} per coordinate in 3 steps"
 
 
 def test_a_resume_with_other_settings_is_refused(ti_dir, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import p1_model as pm
+from ddim import ddim_step, ddim_timesteps
 
 T = 40  # a short schedule keeps DDPM's full loop quick
 
@@ -93,3 +94,19 @@ def test_the_defaults_are_the_documented_ones():
     alpha_bar = pm.alpha_bar_from_betas(betas)
     steps = [t for t, _ in pm.run_sampler(denoiser, x_T(), betas, alpha_bar, "v")]
     assert len(steps) == 51 and steps == [t for t, _ in pm.ddim_sample(denoiser, x_T(), alpha_bar, "v", 50)]
+    deterministic = pm.ddim_sample(denoiser, x_T(), alpha_bar, "v", 50, eta=0.0, clip=False)
+    assert torch.equal(pm.final(pm.run_sampler(denoiser, x_T(), betas, alpha_bar, "v")), pm.final(deterministic))
+    x = x_T()  # ddpm_step clips x0_pred unless told otherwise
+    betas, alpha_bar = schedule()
+    out = denoiser(x, torch.full((2,), 10))
+    clipped = pm.ddpm_step(out, x, 10, betas, alpha_bar, x, "eps", clip=True)
+    assert torch.equal(pm.ddpm_step(out, x, 10, betas, alpha_bar, x, "eps"), clipped)
+
+
+def test_ddim_defaults_are_leading_spacing_and_eta_zero():
+    """ddim_timesteps defaults to diffusers' "leading" spacing and ddim_step to deterministic DDIM (eta = 0)."""
+    assert ddim_timesteps(1000, 4) == [750, 500, 250, 0]
+    with pytest.raises(ValueError, match="spacing must be 'leading' or 'trailing', got 'middle'"):
+        ddim_timesteps(1000, 4, "middle")
+    x0, eps = torch.ones(2), torch.full((2,), 0.5)
+    torch.testing.assert_close(ddim_step(x0, eps, 0.5, 0.8), 0.8**0.5 * x0 + 0.2**0.5 * eps)

@@ -173,6 +173,11 @@ def test_clamp_postprocess():
     assert to_display(x, "clamp")[0, 0, 0].tolist() == [-1.0, -1.0, 0.0, 0.5, 1.0]
 
 
+def test_alpha_bar_is_float64_like_the_courses_helper():
+    """float32 betas would round alpha_bar near t = 999 (about 4e-5) at its 3rd significant digit."""
+    assert linear_alpha_bar().dtype == torch.float64
+
+
 def test_minmax_stretches_a_small_range_to_minus_one_one():
     """An image spanning only [0.2, 0.5] still maps to [-1, 1]: the 1e-5 guard only stops a division by zero."""
     x = torch.tensor([0.2, 0.35, 0.5]).reshape(1, 1, 1, 3).expand(1, 3, 1, 3)

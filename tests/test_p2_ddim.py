@@ -173,6 +173,14 @@ def test_clamp_postprocess():
     assert to_display(x, "clamp")[0, 0, 0].tolist() == [-1.0, -1.0, 0.0, 0.5, 1.0]
 
 
+def test_ddim_sample_defaults_to_deterministic_ddim():
+    def model(x, t):
+        return torch.tanh(x) + t.reshape(-1, 1, 1, 1) / 1000
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ddim_sample(model, x_T, 3), ddim_sample(model, x_T, 3, eta=0.0))
+
+
 def test_alpha_bar_is_float64_like_the_courses_helper():
     """float32 betas would round alpha_bar near t = 999 (about 4e-5) at its 3rd significant digit."""
     assert linear_alpha_bar().dtype == torch.float64

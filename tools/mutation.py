@@ -1,7 +1,7 @@
 """Mutation testing of the homework's formulas: which small wrong formula would the test suite let through?
 
     pip install -r requirements-dev.txt
-    python tools/mutation.py                        # ~20 min on a 2-core CPU; report in outputs/mutation/
+    python tools/mutation.py              # 16 min on a shared 2-core CPU (docs/testing.md); report in outputs/mutation/
 
 mutmut (pinned in requirements-dev.txt) copies the repository into a scratch folder, rewrites each function below
 into its mutants (a flipped sign, an operator or constant changed, an argument dropped...), and runs for each mutant

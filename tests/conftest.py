@@ -36,7 +36,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
-    """One toy `hw2_data` tree (seed 0) for the whole session; tests must not modify it."""
+    """One toy `hw2_data` tree (seed 0) for the whole session; tests must not modify it. HW2_TEST_TOY_WORLD may name
+    one built before (`python toy_data.py --out DIR --seed 0`), for runs that start many short sessions."""
+    prebuilt = os.environ.get("HW2_TEST_TOY_WORLD")
+    if prebuilt:
+        return Path(prebuilt)
     return build_toy_world(tmp_path_factory.mktemp("toy") / "hw2_data", seed=0)
 
 

@@ -67,3 +67,20 @@ def test_hw2_2_runs_p2_ddim_from_any_folder(toy_world, elsewhere):
     assert swapped.returncode == 1 and "NOISE_DIR OUT_DIR UNET_PT" in swapped.stderr
     usage = bash(REPO / "hw2_2.sh", "noise", cwd=elsewhere)
     assert usage.returncode == 1 and usage.stderr.strip() == "usage: bash hw2_2.sh NOISE_DIR OUT_DIR UNET_PT"
+
+
+def test_hw2_3_reads_the_embeddings_from_the_repositorys_checkpoints_by_default(tmp_path, elsewhere):
+    """Without HW2_P3_EMBEDS the grader's call passes REPO/checkpoints/p3_ti (beside the script, not the caller's
+    folder) to `p3_textual_inversion.py generate`, with the caller's relative paths and the extra flags after it.
+    A stand-in p3_textual_inversion.py prints the arguments it gets, so no Stable Diffusion runs."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "hw2_3.sh", repo / "hw2_3.sh")
+    (repo / "p3_textual_inversion.py").write_text("import sys\nprint(sys.argv[1:])\n")
+    env = {key: value for key, value in ENV.items() if key != "HW2_P3_EMBEDS"}
+    result = subprocess.run(["bash", str(repo / "hw2_3.sh"), "input.json", "out", "model.ckpt", "--steps", "50"],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    expected = ["generate", "input.json", "out", "model.ckpt", "--embeds", str(repo / "checkpoints" / "p3_ti"),
+                "--steps", "50"]
+    assert result.stdout.strip() == str(expected)

@@ -126,7 +126,11 @@ def test_a_missing_val_csv_holds_out_a_fixed_tenth_of_train(small_digits, capsys
     assert set(fit_rows).isdisjoint(val_rows) and set(fit_rows) | set(val_rows) == rows
     again, _, _ = p1_data.load_split(data, "val")
     assert torch.equal(again, val)  # deterministic
-    assert sorted(p1_data.held_out(50)) == sorted(p1_data.held_out(50)) and len(p1_data.held_out(50)) == 5
+    torch.manual_seed(1)
+    first = p1_data.held_out(50)
+    torch.manual_seed(2)  # fails if the held-out rows follow the global RNG (they would move between train and score)
+    assert p1_data.held_out(50) == first and len(first) == 5 and first <= set(range(50))
+    assert len(p1_data.held_out(1234)) == 123 and first != set(range(5)), "10 %, drawn at random, not the first rows"
 
 
 def test_an_existing_val_csv_is_used_as_it_is(toy_world, capsys):

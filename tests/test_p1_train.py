@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 import p1_train
 from p1_model import Diffusion, P1Config, preset
@@ -32,10 +33,19 @@ def test_bad_data_through_the_cli(small_digits, tmp_path):
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch_and_shards_disjointly():
-    a, b = p1_train.epoch_order(3, 5, 101), p1_train.epoch_order(3, 5, 101)
-    assert torch.equal(a, b) and not torch.equal(a, p1_train.epoch_order(3, 6, 101))
+    """The order is a permutation that depends on (seed, epoch) only, not on the global RNG (fails on an order drawn
+    from torch's default generator, or on a seed or epoch left out); ranks are dealt as DistributedSampler with
+    drop_last deals them (fails on contiguous shards or a remainder kept)."""
+    torch.manual_seed(0)
+    a = p1_train.epoch_order(3, 5, 101)
+    torch.manual_seed(1)
+    assert torch.equal(p1_train.epoch_order(3, 5, 101), a), "the order follows the global RNG"
+    assert sorted(a.tolist()) == list(range(101))
+    assert not torch.equal(a, p1_train.epoch_order(3, 6, 101)) and not torch.equal(a, p1_train.epoch_order(4, 5, 101))
     shards = [p1_train.epoch_order(3, 5, 101, rank, 2) for rank in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 50
+    for rank, shard in enumerate(shards):
+        sampler = DistributedSampler(range(101), num_replicas=2, rank=rank, shuffle=False, drop_last=True)
+        assert shard.tolist() == [a[i].item() for i in sampler], f"rank {rank}"
     assert set(shards[0].tolist()).isdisjoint(shards[1].tolist())
 
 
@@ -47,10 +57,19 @@ def test_lr_factor_warmup_then_cosine():
 
 
 def test_ema_update():
-    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    expected = 0.9 * ema.weight.detach().clone() + 0.1 * model.weight.detach()
-    p1_train.ema_update(ema, model, 0.9)
-    torch.testing.assert_close(ema.weight, expected)
+    """k updates towards fixed weights p from e_0 leave p + (e_0 - p) decay^k (the geometric closed form of
+    e <- decay e + (1 - decay) p); fails on decay and 1 - decay swapped, or on the online weights being changed.
+    Buffers are copied, not averaged (BatchNorm's running statistics)."""
+    ema, model = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        ema.weight.fill_(1.0)
+        model.weight.copy_(torch.tensor([0.0, 2.0, -3.0]))
+        model.running_mean.fill_(7.0)
+    online = model.weight.detach().clone()
+    for _ in range(5):
+        p1_train.ema_update(ema, model, 0.9)
+    torch.testing.assert_close(ema.weight.detach(), online + (1.0 - online) * 0.9**5)
+    assert torch.equal(model.weight.detach(), online) and torch.equal(ema.running_mean, torch.full((3,), 7.0))
 
 
 TINY = ["--limit", "16", "--batch-size", "8", "--epochs", "2", "--preset", "toy", "--device", "cpu"]

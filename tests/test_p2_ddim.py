@@ -169,12 +169,36 @@ def test_minmax_postprocess_is_torchvisions_save_image_normalize(tmp_path):
 def test_clamp_postprocess():
     x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
     assert to_uint8(to_display(x, "clamp"))[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255]
+    # to_display itself returns [-1, 1] (to_uint8 would hide a wrong bound by clamping again)
+    assert to_display(x, "clamp")[0, 0, 0].tolist() == [-1.0, -1.0, 0.0, 0.5, 1.0]
+
+
+def test_ddim_sample_defaults_to_deterministic_ddim():
+    def model(x, t):
+        return torch.tanh(x) + t.reshape(-1, 1, 1, 1) / 1000
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ddim_sample(model, x_T, 3), ddim_sample(model, x_T, 3, eta=0.0))
+
+
+def test_alpha_bar_is_float64_like_the_courses_helper():
+    """float32 betas would round alpha_bar near t = 999 (about 4e-5) at its 3rd significant digit."""
+    assert linear_alpha_bar().dtype == torch.float64
+
+
+def test_minmax_stretches_a_small_range_to_minus_one_one():
+    """An image spanning only [0.2, 0.5] still maps to [-1, 1]: the 1e-5 guard only stops a division by zero."""
+    x = torch.tensor([0.2, 0.35, 0.5]).reshape(1, 1, 1, 3).expand(1, 3, 1, 3)
+    torch.testing.assert_close(to_display(x, "minmax")[0, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(to_display(x), to_display(x, "minmax")), "min-max is the default, as the course's save_image"
 
 
 def test_mse_is_on_the_255_scale_without_wraparound():
     black, white = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 255, np.uint8)
     assert mse_255(black, white) == 255.0**2
     assert mse_255(white, black) == 255.0**2
+    a, b = np.array([10, 250], np.uint8), np.array([20, 0], np.uint8)
+    assert mse_255(a, b) == (10**2 + 250**2) / 2  # fails on a sum where the difference belongs
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -39,8 +40,16 @@ def test_grader_command_with_gt_and_figures_on_the_toy_world(toy_world, tmp_path
     assert "Toy world:" in result.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:02d}.png" for i in range(10)]
     assert Image.open(tmp_path / "out" / "00.png").size == (64, 64)
-    assert len(re.findall(r"^\d\d\.png  MSE [\d.]+$", result.stdout, re.M)) == 10
-    assert "mean MSE over 10 images" in result.stdout
+    # each line is the MSE of the written PNG against GT on the 0-255 scale, and the mean line their mean: fails on
+    # an MSE taken in [0, 1] or [-1, 1], on uint8 wrap-around, or on images compared out of order
+    lines = dict(re.findall(r"^(\d\d)\.png  MSE ([\d.]+)$", result.stdout, re.M))
+    assert sorted(lines) == [f"{i:02d}" for i in range(10)], result.stdout
+    for name, value in lines.items():
+        ours = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"), dtype=np.float64)
+        gt = np.asarray(Image.open(face / "GT" / f"{name}.png").convert("RGB"), dtype=np.float64)
+        assert float(value) == pytest.approx(((ours - gt) ** 2).mean(), abs=1e-4), name
+    mean = float(re.search(r"^mean MSE over 10 images \(0-255 scale\): ([\d.]+)$", result.stdout, re.M).group(1))
+    assert mean == pytest.approx(np.mean([float(v) for v in lines.values()]), abs=1e-3)
     grid = Image.open(tmp_path / "figures" / "eta_grid.png")
     assert grid.width > 4 * 64 and grid.height > 5 * 64  # 5 eta rows x 4 noise columns plus labels
 
@@ -54,13 +63,27 @@ def test_a_bad_input_exits_1_with_one_line(toy_world, tmp_path):
 
 
 def test_interpolation_writes_strips_and_frames(toy_world, tmp_path):
+    """alpha = 0 and 1 are p2_ddim.py's own samples of 00.pt and 01.pt (fails on alpha running the wrong way, an
+    endpoint that is not exact, or another sampler); the frames between are neither."""
     face = toy_world / "face"
-    result = run("p2_interpolate.py", face / "noise", tmp_path / "interp", face / "UNet.pt", "--steps", "1")
+    result = run("p2_interpolate.py", face / "noise", tmp_path / "interp", face / "UNet.pt", "--steps", "2")
     assert result.returncode == 0, result.stderr
+    samples = run("p2_ddim.py", face / "noise", tmp_path / "samples", face / "UNet.pt", "--steps", "2")
+    assert samples.returncode == 0, samples.stderr
+
+    def pixels(path):
+        return np.asarray(Image.open(path), dtype=np.int16)
+
     for method in ["slerp", "linear"]:
         frames = sorted(p.name for p in (tmp_path / "interp" / method).iterdir())
         assert frames == [f"{i:02d}.png" for i in range(11)]
         assert Image.open(tmp_path / "interp" / f"{method}.png").width > 11 * 64
+        first, last = pixels(tmp_path / "interp" / method / "00.png"), pixels(tmp_path / "interp" / method / "10.png")
+        # at most one grey level apart: the batches differ, and so may a convolution's last bit
+        assert np.abs(first - pixels(tmp_path / "samples" / "00.png")).max() <= 1, method
+        assert np.abs(last - pixels(tmp_path / "samples" / "01.png")).max() <= 1, method
+        middle = pixels(tmp_path / "interp" / method / "05.png")
+        assert np.abs(middle - first).max() > 10 and np.abs(middle - last).max() > 10, method
 
 
 @pytest.mark.parametrize("script", ["p2_ddim.py", "p2_interpolate.py"])

@@ -70,11 +70,22 @@ def test_attention_is_single_head_softmax_over_all_positions():
     torch.testing.assert_close(attention(x), x + attention.out(o), atol=1e-5, rtol=1e-5)
 
 
-def test_forward_keeps_the_input_shape():
+def test_forward_keeps_the_input_shape_and_each_image_is_its_own():
+    """Each image's output depends on its own x and t only (fails on a norm or a concatenation across the batch, or
+    on the time embedding not reaching the blocks), and the last layer is the spec's GroupNorm, SiLU, 3x3 conv."""
+    torch.manual_seed(0)
     model = FaceUNet(base=32).eval()
+    x, t = torch.randn(2, 3, 32, 64), torch.tensor([981.0, 1.0])
     with torch.no_grad():
-        eps = model(torch.randn(2, 3, 32, 64), torch.tensor([981.0, 1.0]))
+        eps = model(x, t)
+        alone = [model(x[i:i + 1], t[i:i + 1]) for i in range(2)]
+        swapped_t = model(x, t.flip(0))
+        h = torch.randn(2, 32, 32, 64)
+        out = model.out[2](F.silu(F.group_norm(h, 32, model.out[0].weight, model.out[0].bias)))
+        torch.testing.assert_close(model.out(h), out)
     assert eps.shape == (2, 3, 32, 64) and eps.abs().max() > 0
+    torch.testing.assert_close(torch.cat(alone), eps, atol=1e-5, rtol=1e-5)
+    assert (swapped_t - eps).abs().amax(dim=(1, 2, 3)).min() > 1e-3, "the output does not depend on t"
 
 
 def test_loading_reads_the_base_width_and_is_exact(tmp_path):

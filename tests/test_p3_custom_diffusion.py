@@ -10,13 +10,14 @@ import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPTokenizer
+from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
 import custom_diffusion_io as cdio
 import p3_concepts as concepts
 import p3_custom_diffusion as cd
 import sd_v1
 from benchmarks.p3_cd_bench import step_counts
+from p3_score import TOY_CLIP
 from utils import Hw2Error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,6 +295,31 @@ def test_generate_fills_the_graders_layout_and_score_reads_it(trained, ti_dir, t
     assert {path.relative_to(images).as_posix() for path in images.rglob("*") if path.is_file()} == expected
     rows = cd.main(["score", str(ti_dir / "input.json"), str(images), "--device", "cpu"])
     assert [(row.concept, row.prompt) for row in rows] == [("0", 0), ("0", 1), ("1", 0), ("1", 1)]
+    for row in rows:  # each row's numbers as the course's grader computes them with the same scorer
+        entry = data[row.concept]
+        clip_i, clip_t = graders_scores(ti_dir.parent / TOY_CLIP, ti_dir / row.concept,
+                                        images / row.concept / str(row.prompt), entry["prompt_4_clip_eval"][row.prompt])
+        assert (row.clip_i, row.clip_t) == pytest.approx((clip_i, clip_t), abs=1e-3), row
+        assert [row.baseline_i, row.baseline_t] == list(entry["baseline"][row.prompt]), row
+
+
+def graders_scores(clip_folder, references, generated, prompt):
+    """The grader's top-5 mean CLIP-I and CLIP-T of one folder, written from its description with transformers'
+    CLIPModel: CLIP-I = mean over the concept's photos of 100 cos(image, photo), CLIP-T = the model's
+    logits_per_image against the eval prompt, the 5 images with the highest CLIP-I + 2.5 CLIP-T kept. Catches a
+    100 in place of the scorer's logit scale, unnormalised features, or another top-5 rule."""
+    model, processor = CLIPModel.from_pretrained(clip_folder).eval(), CLIPProcessor.from_pretrained(clip_folder)
+    ours = [Image.open(path).convert("RGB") for path in concepts.list_images(generated)]
+    photos = [Image.open(path).convert("RGB") for path in concepts.list_images(references)]
+    with torch.no_grad():
+        out = model(**processor(text=[prompt], images=ours, return_tensors="pt", padding=True))
+        photo_features = model.get_image_features(**processor(images=photos, return_tensors="pt"))
+    photo_features = getattr(photo_features, "pooler_output", photo_features)
+    image = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
+    photo = photo_features / photo_features.norm(dim=-1, keepdim=True)
+    clip_i, clip_t = 100 * (image @ photo.T).mean(1), out.logits_per_image[:, 0]
+    keep = sorted(range(len(ours)), key=lambda n: -(clip_i[n] + 2.5 * clip_t[n]).item())[:5]
+    return clip_i[keep].mean().item(), clip_t[keep].mean().item()
 
 
 # -------------------------------------------------------------------------------------------- bad input

@@ -187,13 +187,20 @@ def test_bf16_autocast_runs_the_frozen_models_in_bf16_close_to_fp32(toy_sd):
     assert cosine > 0.9, cosine
 
 
-def test_the_training_flags_run_end_to_end_and_are_recorded(ti_dir, tmp_path):
+def test_the_training_flags_run_end_to_end_and_are_recorded(ti_dir, toy_sd, tmp_path):
+    """3 optimizer steps of 2 accumulated micro-batches in bf16: the learned row leaves the initializer's, by at
+    most AdamW's bound of about lr per coordinate and step (3 x 2e-3). Fails if accumulation never steps (the row
+    stays) or the update is not scaled by the learning rate."""
     out = tmp_path / "flags"
     ti.main(train_args(str(ti_dir / "0"), "--token", "<new1>", "--init-token", "rocket", "--out", str(out),
                        "--grad-accum", "2", "--mixed-precision", "bf16", "--gradient-checkpointing"))
     state = ti.load_checkpoint(out / ti.STATE_FILE)
     assert state["step"] == 3 and (state["config"]["grad_accum"], state["config"]["mixed_precision"]) == (2, "bf16")
-    assert torch.isfinite(load_file(out / ti.EMBEDS_FILE)["<new1>"]).all()
+    learned = load_file(out / ti.EMBEDS_FILE)["<new1>"]
+    _, new_ids, embedding, _, _ = ready_to_train(toy_sd)  # <new1> initialised from "rocket", before any step
+    moved = (learned - embedding.weight.detach()[new_ids]).abs()
+    assert torch.isfinite(learned).all() and moved.max() > 1e-4, "the learned row did not move"
+    assert moved.max() <= 3 * 2e-3 * 1.05, f"the row moved {moved.max():.2e} per coordinate in 3 steps"
 
 
 def test_a_resume_with_other_settings_is_refused(ti_dir, tmp_path):
@@ -295,6 +302,26 @@ def test_generate_writes_the_graders_layout(ti_dir, random_embeds, tmp_path):
     assert written == expected
     with Image.open(tmp_path / "0" / "0" / "source0_prompt0_0.png") as image:
         assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_the_learned_rows_change_the_image_at_the_same_seed(ti_dir, random_embeds, tmp_path):
+    """The same seed with <new1>'s row moved: the images of concept 0 (whose prompts hold <new1>) change, those of
+    concept 1 (only <new2>) stay. Fails if the learned rows never reach the text encoder (e.g. the token is added
+    but its row left at the initializer's), or if one concept's file leaks into the other's prompts."""
+    moved = tmp_path / "moved"
+    shutil.copytree(random_embeds, moved)
+    rows = load_file(moved / "0" / ti.EMBEDS_FILE)["<new1>"]
+    concepts.save_learned_embeds(moved / "0" / ti.EMBEDS_FILE, "<new1>", rows + 3 * torch.ones_like(rows))
+    for embeds, out in ((random_embeds, tmp_path / "base"), (moved, tmp_path / "moved_out")):
+        ti.main(["generate", str(ti_dir / "input.json"), str(out), "--embeds", str(embeds), "--steps", "2",
+                 "--num-images", "1", "--seed", "5", "--device", "cpu"])
+
+    def pixels(root, concept):
+        return np.asarray(Image.open(root / concept / "0" / f"source{concept}_prompt0_0.png"), dtype=np.int16)
+
+    # the toy UNet's random cross-attention weighs the text lightly: a few grey levels, but never none at all
+    assert not np.array_equal(pixels(tmp_path / "base", "0"), pixels(tmp_path / "moved_out", "0"))
+    assert np.array_equal(pixels(tmp_path / "base", "1"), pixels(tmp_path / "moved_out", "1"))
 
 
 def test_generate_fills_the_courses_output_folder_and_loses_nothing(ti_dir, random_embeds, tmp_path, monkeypatch):

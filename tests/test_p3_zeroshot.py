@@ -183,8 +183,12 @@ def test_accuracy_on_a_constructed_case():
 
 def test_choose_cases_is_seeded_and_in_file_order():
     correct = torch.tensor([True, False, True, True, False, True, True, False])
+    torch.manual_seed(0)
     successes, failures = p3.choose_cases(correct, 3, seed=1)
+    torch.manual_seed(1)  # fails if the draw follows the global RNG instead of `seed`
     assert (successes, failures) == p3.choose_cases(correct, 3, seed=1)
+    drawn = {tuple(p3.choose_cases(correct, 3, seed)[0]) for seed in range(20)}
+    assert len(drawn) > 1, "the successes do not depend on the seed (e.g. always the first three in file order)"
     assert len(successes) == 3 and successes == sorted(successes) and all(correct[successes])
     assert failures == [1, 4, 7]  # only three failures exist: all of them
     assert p3.choose_cases(correct, 10, seed=0)[0] == [0, 2, 3, 5, 6]

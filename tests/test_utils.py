@@ -355,8 +355,19 @@ def test_checkpoint_corrupt_truncated_and_foreign(tmp_path):
         path = tmp_path / f"{name}.safetensors"
         with pytest.raises(Hw2Error, match=f"{name}.safetensors is not a valid hw2 checkpoint"):
             utils.load_checkpoint(path)
-    with pytest.raises(Hw2Error, match="no hw2 metadata"):
+    with pytest.raises(Hw2Error, match=r"\(no hw2 metadata in its header\)$"):
         utils.load_checkpoint(tmp_path / "foreign.safetensors")
+    with pytest.raises(Hw2Error, match=r"\(SafetensorError: ") as damaged:  # the reader's own words for real damage
+        utils.load_checkpoint(tmp_path / "truncated.safetensors")
+    assert "no hw2 metadata" not in str(damaged.value)
+
+
+def test_checkpoint_tensors_inside_lists_come_back(tmp_path):
+    state = {"moments": [torch.arange(3.0), {"inner": [torch.ones(2, 2), 4]}], "step": 7}
+    utils.save_checkpoint(tmp_path / "lists.safetensors", state)
+    loaded = utils.load_checkpoint(tmp_path / "lists.safetensors")
+    assert torch.equal(loaded["moments"][0], torch.arange(3.0)) and loaded["step"] == 7
+    assert torch.equal(loaded["moments"][1]["inner"][0], torch.ones(2, 2)) and loaded["moments"][1]["inner"][1] == 4
 
 
 # ------------------------------------------------------------------------------------------- .pt files
@@ -386,14 +397,18 @@ def test_load_torch_file_missing_and_truncated(tmp_path):
     torch.save(torch.randn(1, 3, 16, 16), tmp_path / "full.pt")
     data = (tmp_path / "full.pt").read_bytes()
     (tmp_path / "01.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(Hw2Error, match="cannot load .*01.pt"):
+    with pytest.raises(Hw2Error, match="cannot load .*01.pt") as damaged:
         utils.load_torch_file(tmp_path / "01.pt")
+    with pytest.raises(Exception) as torch_error:  # the message names torch's own first line of the reason
+        torch.load(tmp_path / "01.pt", weights_only=True)
+    assert str(damaged.value).endswith(f"01.pt: {str(torch_error.value).strip().splitlines()[0]}"), damaged.value
 
 
 def test_load_torch_file_never_runs_pickled_code(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"weight": torch.zeros(1), "payload": Exploit(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(Hw2Error, match="evil.pt: .*pickled objects other than tensors"):
+    refused = "evil.pt: it holds pickled objects other than tensors, which are refused for safety$"
+    with pytest.raises(Hw2Error, match=refused):
         utils.load_torch_file(tmp_path / "evil.pt")
     assert not marker.exists()
     # the file really is hostile: its pickle calls open() on the marker path (read, never run, here)

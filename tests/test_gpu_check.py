@@ -1,7 +1,8 @@
-"""benchmarks/gpu_check.py: the skip line without CUDA, and every section's tiny CPU version (--smoke)."""
+"""benchmarks/gpu_check.py: the skip line without CUDA, and (slow) every section's tiny CPU version (--smoke)."""
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import gpu_check
@@ -15,6 +16,7 @@ def test_without_cuda_it_skips_in_one_line_and_writes_nothing(tmp_path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_section(tmp_path, one_torch_thread):
     assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())

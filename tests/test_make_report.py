@@ -208,6 +208,7 @@ def compare_figures(first, second, names):
     assert not different, f"figures differ between two runs with the same seed: {different}"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_figures(quick_report, toy_world, tmp_path):
     """P2 (eta noise), zero-shot, textual inversion and Custom Diffusion (training and sampling) again, from
     scratch."""

@@ -180,8 +180,8 @@ def torchrun(*args):
     return result.stdout
 
 
-@pytest.mark.parametrize("model", [["--preset", "toy", "--dropout", "0.1"],
-                                   pytest.param(["--preset", "full"], marks=pytest.mark.slow)], ids=["toy", "full"])
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [["--preset", "toy", "--dropout", "0.1"], ["--preset", "full"]], ids=["toy", "full"])
 def test_ddp_resume_is_exact_with_dropout_and_works_on_another_world_size(toy_world, tmp_path, capsys, model):
     """2 processes with dropout 0.1 (the toy model given dropout; the full preset, 16 M parameters, when slow tests
     run): 2 epochs straight == 1 epoch + --resume, bit for bit, so each rank's dropout stream came back as it was.

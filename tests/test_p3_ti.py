@@ -459,6 +459,7 @@ def graders_numbers(toy_world, images, data):
     return numbers
 
 
+@pytest.mark.slow
 def test_smoke_train_generate_score(toy_world, ti_dir, tmp_path):
     embeds, images = tmp_path / "embeds", tmp_path / "images"
     result = run_script("train", "--input-json", str(ti_dir / "input.json"), "--out", str(embeds), "--steps", "2",

@@ -162,6 +162,7 @@ def test_textual_inversion_layout_and_input_json(toy_world):
 # ----------------------------------------------------------------------------------------- determinism
 
 
+@pytest.mark.slow
 def test_digits_are_deterministic_from_the_seed(toy_world, tmp_path):
     toy_digits.build_digits(tmp_path / "same", seed=0)
     toy_digits.build_digits(tmp_path / "other", seed=1)

@@ -41,6 +41,7 @@ from utils import (
 )
 
 PER_DIGIT = 50
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp", 10  # chosen by measurement: BENCHMARKS.md, P1, samplers side by side
 SNAPSHOTS = 6  # reverse-process figure: x_T, four intermediate x_t, x_0
 FIGURE_SCALE = 4  # 28x28 -> 112x112 in the reverse-process figure
 
@@ -181,10 +182,11 @@ def build_parser():
     parser.add_argument("out_dir", type=str, help="Folder to write mnistm/ and svhn/ into (created if missing).")
     parser.add_argument("--ckpt", type=str, default=None,
                         help=f"Checkpoint from p1_train.py; default: the newest ddpm*.safetensors in {DEFAULT_OUT}.")
-    parser.add_argument("--sampler", type=str, default="dpmpp", choices=["dpmpp", "unipc", "ddim", "ddpm"],
+    parser.add_argument("--sampler", type=str, default=DEFAULT_SAMPLER, choices=["dpmpp", "unipc", "ddim", "ddpm"],
                         help="dpmpp (DPM-Solver++ 2M) or unipc (UniPC, order 2): the high-order ODE solvers of "
                              "p1_solvers.py; ddim (--eta sets its noise); ddpm (ancestral, all T steps).")
-    parser.add_argument("--steps", type=int, default=10, help="Number of solver or DDIM steps (ignored by ddpm).")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"Number of solver or DDIM steps (ignored by ddpm); default {DEFAULT_STEPS}.")
     parser.add_argument("--eta", type=float, default=0.0,
                         help="DDIM eta in [0, 1]: 0 = deterministic, 1 = DDPM's posterior noise (DDIM only).")
     parser.add_argument("--guidance", type=float, default=None,

@@ -14,8 +14,10 @@ others still run):
                 one _foreach_lerp_), 100 steps each.
   p1_ddp        p1_train.py under torchrun on 2 GPUs (NCCL) when at least 2 are visible: exit status, identical
                 weights on both ranks, wall time.
-  p1_sample     DDIM-25 sampling of 1,000 guided images with p1_inference.generate, in full fp32 (the default)
-                and under --autocast: images/s of each, and how far the autocast images are from the fp32 ones.
+  p1_sample     p1_inference.py's default sampler (DPM-Solver++ 2M, 10 steps) on the grader's 1,000 guided images
+                with p1_inference.generate, in full fp32 (the default) and under --autocast: images/s of each, how
+                far the autocast images are from the fp32 ones; and DDIM-25 in fp32 beside them (the former
+                default), so that the two speeds are measured in one run.
   p1_resume     p1_train.py --deterministic on the GPU: 2 epochs straight against 1 epoch + --resume, bit for bit.
   p2_precision  The course-size face UNet (base 128, random weights plus toy_data.wire_noise_path's eps ~ x_t
                 path, so that DDIM is not chaotic), 10 noises at 256 px, 50 DDIM steps: time and MSE (0-255
@@ -59,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import p3_clip_zeroshot as zeroshot  # noqa: E402
+from benchmarks.p1_bench import SAMPLER_NAMES  # noqa: E402
 from benchmarks.p1_train_bench import compare as compare_data_paths  # noqa: E402
 from benchmarks.p2_bench import precision_comparison  # noqa: E402
 from benchmarks.p3_cd_bench import cd_train_worker  # noqa: E402
@@ -66,7 +69,7 @@ from benchmarks.p3_ti_bench import generate_worker  # noqa: E402
 from benchmarks.p3_ti_bench import train_worker as ti_train_worker  # noqa: E402
 from benchmarks.p3_zeroshot_bench import COURSE_IMAGES, bench_model  # noqa: E402
 from benchmarks.timing import synchronize  # noqa: E402
-from p1_inference import generate, sample_plan  # noqa: E402
+from p1_inference import DEFAULT_SAMPLER, DEFAULT_STEPS, generate, sample_plan  # noqa: E402
 from p1_model import DATASETS, Diffusion, preset  # noqa: E402
 from p1_train import TRAIN_PRESETS, TrainSettings, build_optimization, train_step  # noqa: E402
 from p1_train import main as p1_train_main  # noqa: E402
@@ -95,7 +98,8 @@ class Scale:
     train_steps: int
     data_path_steps: int  # steps of each p1_train_bench variant
     sample_per_digit: int
-    sample_steps: int
+    sample_steps: int  # steps of p1_inference.py's default sampler
+    ddim_steps: int  # steps of the DDIM row beside it
     data_per_set: int  # synthetic training images per digit set, for the p1_train.py runs
     run_batch: int  # batch size of those runs, per process
     p2_base: int
@@ -116,14 +120,15 @@ class Scale:
 
 
 GPU = Scale(p1_preset="full", p1_overrides={}, train_batch=128, train_steps=300, data_path_steps=100,
-            sample_per_digit=50, sample_steps=25, data_per_set=512, run_batch=64, p2_base=128, p2_size=256,
-            p2_noises=10, p2_steps=50,
+            sample_per_digit=50, sample_steps=DEFAULT_STEPS, ddim_steps=25, data_per_set=512, run_batch=64,
+            p2_base=128, p2_size=256, p2_noises=10, p2_steps=50,
             p2_precisions=("fp32", "fp16", "bf16"), repeats=3, sd_model="sd14-config", sd_resolution=512,
             ti_batch=4, ti_steps=10, generate_steps=30, generate_batch=5, generate_repeats=2,
             clip_models=("ViT-B-32", "ViT-L-14"), clip_images=COURSE_IMAGES)
 SMOKE = Scale(p1_preset="toy", p1_overrides=dict(widths=(8, 16), embed_dim=16, attention_heads=2), train_batch=4,
-              train_steps=2, data_path_steps=2, sample_per_digit=1, sample_steps=2, data_per_set=8, run_batch=4,
-              p2_base=32, p2_size=32, p2_noises=2, p2_steps=2, p2_precisions=("fp32",), repeats=1, sd_model="tiny",
+              train_steps=2, data_path_steps=2, sample_per_digit=1, sample_steps=2, ddim_steps=2, data_per_set=8,
+              run_batch=4, p2_base=32, p2_size=32, p2_noises=2, p2_steps=2, p2_precisions=("fp32",), repeats=1,
+              sd_model="tiny",
               sd_resolution=TINY_SD_RESOLUTION, ti_batch=2, ti_steps=1, generate_steps=2, generate_batch=2,
               generate_repeats=1, clip_models=("tiny",), clip_images=16)
 
@@ -261,23 +266,28 @@ def p1_ddp_section(run):
 
 
 def p1_sample_section(run):
-    """DDIM sampling of the grader's 1,000 images (guided), as p1_inference.py does it."""
+    """The grader's 1,000 guided images as p1_inference.py samples them (its default sampler, fp32 and --autocast),
+    and with DDIM in fp32 beside them."""
     scale = run.scale
     torch.manual_seed(0)
     diffusion = Diffusion(p1_config(scale)).to(run.device).eval()
     count, rows, images = len(sample_plan(scale.sample_per_digit)), [], {}
-    for name, autocast in (("fp32 (default)", False), ("--autocast", True)):
-        settings = Namespace(sampler="ddim", steps=scale.sample_steps, eta=0.0, guidance=TRAIN_PRESETS[
-            scale.p1_preset]["guidance"], seed=0, batch_size=500, autocast=autocast)
+    variants = (("fp32 (default)", DEFAULT_SAMPLER, scale.sample_steps, False),
+                ("--autocast", DEFAULT_SAMPLER, scale.sample_steps, True),
+                ("fp32", "ddim", scale.ddim_steps, False))
+    for name, sampler, steps, autocast in variants:
+        settings = Namespace(sampler=sampler, steps=steps, eta=0.0, guidance=TRAIN_PRESETS[scale.p1_preset][
+            "guidance"], seed=0, batch_size=500, autocast=autocast)
         synchronize(run.device)
         start = time.perf_counter()
-        images[autocast], _ = generate(diffusion, settings, run.device, per_digit=scale.sample_per_digit)
+        images[name, sampler], _ = generate(diffusion, settings, run.device, per_digit=scale.sample_per_digit)
         synchronize(run.device)
         seconds = time.perf_counter() - start
-        rows.append(row(f"{name}: DDIM-{scale.sample_steps}, {count} images, w = {settings.guidance}",
-                        round(count / seconds, 1), "images/s", bool(torch.isfinite(images[autocast]).all()),
+        rows.append(row(f"{name}: {SAMPLER_NAMES[sampler]}-{steps}, {count} images, w = {settings.guidance}",
+                        round(count / seconds, 1), "images/s", bool(torch.isfinite(images[name, sampler]).all()),
                         f"{seconds:.1f} s"))
-    difference = (to_uint8(images[True]).astype(int) - to_uint8(images[False]).astype(int))
+    difference = (to_uint8(images["--autocast", DEFAULT_SAMPLER]).astype(int)
+                  - to_uint8(images["fp32 (default)", DEFAULT_SAMPLER]).astype(int))
     rows.append(row("--autocast against fp32: pixels that differ (0-255)", round(float((difference != 0).mean()), 4),
                     "", note=f"largest difference {abs(difference).max()}, random weights"))
     return rows

@@ -1,7 +1,9 @@
-"""P1 training throughput with the former data path and EMA against p1_train.py's, side by side (images/s).
+"""P1 training throughput, side by side (images/s): the former data path and EMA against p1_train.py's, and the
+speed levers of the training step.
 
     python benchmarks/p1_train_bench.py --device cuda                 # on a GPU: the numbers that matter
     python benchmarks/p1_train_bench.py --preset toy --steps 5        # on a CPU: the EMA part only
+    python benchmarks/p1_train_bench.py --preset toy --levers --steps 20    # the step's levers on this machine
 
 before: each batch gathered on the CPU from the uint8 training images, mapped to [-1, 1] there and copied to the
         device from pageable memory; the EMA one lerp_ per parameter.
@@ -9,6 +11,11 @@ after:  p1_train.py's path: the uint8 images on the device once (p1_train.fits_o
         there (p1_train.training_batch); the EMA one torch._foreach_lerp_ (p1_train.ema_update).
 Both run p1_train.train_step in p1_train.py's autocast on the same random images, one warm-up step first. On a CPU
 the data already lies where the batches are made, so only the EMA differs there.
+
+--levers times p1_train.train_step as p1_train.py runs it ("default") against the same step with the model and the
+images in channels_last memory format, with the network under torch.compile (its first call, which compiles, is
+reported apart), and at half the batch size (twice the steps, so the same images); the variants alternate
+(benchmarks/timing.interleaved_medians), each reports images/s and its ratio to the default.
 """
 
 import argparse
@@ -24,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import p1_train  # noqa: E402
-from benchmarks.timing import synchronize  # noqa: E402
+from benchmarks.timing import interleaved_medians, synchronize  # noqa: E402
 from p1_data import to_model_range  # noqa: E402
 from p1_model import Diffusion, preset  # noqa: E402
 from utils import get_device  # noqa: E402
@@ -81,12 +88,62 @@ def compare(config, settings, device, steps, count):
             for name in ("before", "after")}
 
 
+LEVERS = {"default": {}, "channels_last": {"channels_last": True}, "torch.compile": {"compile": True},
+          "half batch": {"batch_divisor": 2}}
+
+
+def lever_run(config, settings, data, device, steps, channels_last=False, compile=False, batch_divisor=1):
+    """A function that runs `steps` * `batch_divisor` steps of p1_train.train_step at batch_size / batch_divisor on
+    a fresh model (the same images per call whatever the divisor), and the list its call durations go to."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    diffusion = Diffusion(config).to(device, memory_format=memory_format).train()
+    ema = copy.deepcopy(diffusion).requires_grad_(False)
+    net = torch.compile(diffusion.net) if compile else diffusion.net
+    optimization = p1_train.build_optimization(diffusion, settings, 10**6, device)
+    batch_size = settings.batch_size // batch_divisor
+    data = tuple(array.to(device) for array in data)
+    order = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(0)).to(device)
+    batches = len(order) // batch_size
+    durations = []
+
+    def run():
+        start = time.perf_counter()
+        for step in range(steps * batch_divisor):
+            x0, digits, dataset_ids = p1_train.training_batch(data, order, step % batches, batch_size, device)
+            batch = (x0.contiguous(memory_format=memory_format), digits, dataset_ids)
+            p1_train.train_step(net, diffusion, ema, optimization, batch, settings)
+        synchronize(device)
+        durations.append(time.perf_counter() - start)
+    return run, durations
+
+
+def compare_levers(config, settings, device, steps, count, repeats, names=tuple(LEVERS)):
+    """{lever: (images/s, seconds of its first call)}: the LEVERS `names` ("default" first), interleaved, on `count`
+    random images."""
+    data = random_training_data(count)
+    names = ["default", *(name for name in names if name != "default")]
+    runs = {name: lever_run(config, settings, data, device, steps, **LEVERS[name]) for name in names}
+    seconds = interleaved_medians([run for run, _ in runs.values()], device, repeats)
+    return {name: (steps * settings.batch_size / time_s, durations[0])
+            for (name, (_, durations)), time_s in zip(runs.items(), seconds)}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = get_device(args.device)
     config = preset(args.preset)
     settings = p1_train.TrainSettings(**{**p1_train.TRAIN_PRESETS[args.preset], "batch_size": args.batch_size,
                                          "limit": 0, "seed": 0})
+    if args.levers is not None:
+        args.levers = args.levers or list(LEVERS)
+        results = compare_levers(config, settings, device, args.steps, args.images, args.repeats, args.levers)
+        print(f"P1 {args.preset} preset, batch {args.batch_size}, {args.steps} steps per call (the half batch: twice "
+              f"as many), median of {args.repeats}, on {device} with {torch.get_num_threads()} threads:")
+        for name, (rate, first_s) in results.items():
+            ratio = rate / results["default"][0]
+            print(f"  {name:<14} {rate:8.1f} images/s  {ratio:5.2f}x   first call {first_s:.1f} s")
+        return results
     results = compare(config, settings, device, args.steps, args.images)
     print(f"P1 {args.preset} preset, batch {args.batch_size}, {args.steps} steps on {device}:")
     for name, (rate, loss) in results.items():
@@ -101,6 +158,10 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=128, help="Images per step (default: 128).")
     parser.add_argument("--steps", type=int, default=100, help="Timed optimizer steps per variant (default: 100).")
     parser.add_argument("--images", type=int, default=8192, help="Random training images (default: 8192).")
+    parser.add_argument("--levers", nargs="*", choices=list(LEVERS), default=None,
+                        help="Time these levers of the training step against the default instead (no names: all "
+                             f"of {', '.join(LEVERS)}).")
+    parser.add_argument("--repeats", type=int, default=3, help="Interleaved rounds of --levers (default: 3).")
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps; default: the best.")
     return parser
 

@@ -31,8 +31,10 @@ def test_smoke_runs_every_section(tmp_path, one_torch_thread):
     assert table.count("\n| p1_train |") == 10 and "| p2_precision | fp32: 2 x 32 px, 2 steps |" in table
     # the former data path and EMA beside p1_train.py's, and sampling in fp32 beside --autocast
     assert checks["data path and EMA after: 2 steps"]["ok"] is True and checks["autocast dtype"]["value"] == "None"
-    assert [m for m in checks if m.startswith(("fp32 (default): DDIM", "--autocast: DDIM"))] == [
-        "fp32 (default): DDIM-2, 20 images, w = 5.0", "--autocast: DDIM-2, 20 images, w = 5.0"]
+    # p1_inference.py's default sampler in fp32 and under --autocast, DDIM in fp32 beside it
+    assert [m for m in checks if m.endswith("20 images, w = 5.0")] == [
+        "fp32 (default): DPM-Solver++-2, 20 images, w = 5.0", "--autocast: DPM-Solver++-2, 20 images, w = 5.0",
+        "fp32: DDIM-2, 20 images, w = 5.0"]
     # P3: peak memory and finite loss of every training configuration, images produced, images classified
     p3_checks = {(name, r["measurement"]): r["ok"] for name in ("p3_ti_step", "p3_generate", "p3_zeroshot")
                  for r in report["sections"][name] if r["ok"] is not None}

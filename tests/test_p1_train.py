@@ -297,3 +297,29 @@ def test_resume_on_another_number_of_processes_continues_the_learning_rate_curve
     assert resumed["epoch"] == 2 and resumed["step"] == 8 + 4
     assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected, rel=1e-9), \
         f"LR after the resumed epoch {resumed['optimizer']['param_groups'][0]['lr']:.6g}, expected {expected:.6g}"
+
+
+def test_the_levers_benchmark_runs_each_variant_as_named(monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import p1_train_bench
+
+    seen = {}
+    real_step = p1_train.train_step
+
+    def recording_step(net, diffusion, ema, optimization, batch, settings, **kwargs):
+        x0 = batch[0]
+        seen.setdefault(current, []).append((x0.shape[0], x0.is_contiguous(memory_format=torch.channels_last)
+                                             and not x0.is_contiguous()))
+        return real_step(net, diffusion, ema, optimization, batch, settings, **kwargs)
+
+    monkeypatch.setattr(p1_train, "train_step", recording_step)
+    config = preset("toy", widths=(8, 16), embed_dim=16, attention_heads=2)
+    settings = p1_train.TrainSettings(**{**p1_train.TRAIN_PRESETS["toy"], "batch_size": 4, "limit": 0, "seed": 0})
+    data = p1_train_bench.random_training_data(16)
+    for current in ("default", "channels_last", "half batch"):
+        run, durations = p1_train_bench.lever_run(config, settings, data, torch.device("cpu"), 2,
+                                                  **p1_train_bench.LEVERS[current])
+        run()
+        assert len(durations) == 1
+    # the half batch covers the same images in twice the steps; channels_last reaches the step as channels_last
+    assert seen == {"default": [(4, False)] * 2, "channels_last": [(4, True)] * 2, "half batch": [(2, False)] * 4}

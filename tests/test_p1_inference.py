@@ -36,6 +36,8 @@ def tiny_checkpoint(toy_world, tmp_path_factory):
     return out / p1_train.CHECKPOINT_NAME
 
 
+@pytest.mark.slow  # 36 s; the default suite covers the grader layout (test_entry_scripts' hw2_1 test) and the
+# figures (test_make_report's quick report)
 def test_inference_writes_the_grader_layout_and_figures(tiny_checkpoint, tmp_path):
     out, figures = tmp_path / "out", tmp_path / "figures"
     result = run("p1_inference.py", str(out), "--ckpt", str(tiny_checkpoint), "--sampler", "ddim", "--steps", "2",

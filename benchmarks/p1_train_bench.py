@@ -94,7 +94,7 @@ LEVERS = {"default": {}, "channels_last": {"channels_last": True}, "torch.compil
 
 def lever_run(config, settings, data, device, steps, channels_last=False, compile=False, batch_divisor=1):
     """A function that runs `steps` * `batch_divisor` steps of p1_train.train_step at batch_size / batch_divisor on
-    a fresh model (the same images per call whatever the divisor), and the list its call durations go to."""
+    a fresh model (the same images per call whatever the divisor)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     diffusion = Diffusion(config).to(device, memory_format=memory_format).train()
@@ -105,17 +105,13 @@ def lever_run(config, settings, data, device, steps, channels_last=False, compil
     data = tuple(array.to(device) for array in data)
     order = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(0)).to(device)
     batches = len(order) // batch_size
-    durations = []
 
     def run():
-        start = time.perf_counter()
         for step in range(steps * batch_divisor):
             x0, digits, dataset_ids = p1_train.training_batch(data, order, step % batches, batch_size, device)
             batch = (x0.contiguous(memory_format=memory_format), digits, dataset_ids)
             p1_train.train_step(net, diffusion, ema, optimization, batch, settings)
-        synchronize(device)
-        durations.append(time.perf_counter() - start)
-    return run, durations
+    return run
 
 
 def compare_levers(config, settings, device, steps, count, repeats, names=tuple(LEVERS)):
@@ -123,10 +119,11 @@ def compare_levers(config, settings, device, steps, count, repeats, names=tuple(
     random images."""
     data = random_training_data(count)
     names = ["default", *(name for name in names if name != "default")]
-    runs = {name: lever_run(config, settings, data, device, steps, **LEVERS[name]) for name in names}
-    seconds = interleaved_medians([run for run, _ in runs.values()], device, repeats)
-    return {name: (steps * settings.batch_size / time_s, durations[0])
-            for (name, (_, durations)), time_s in zip(runs.items(), seconds)}
+    runs = [lever_run(config, settings, data, device, steps, **LEVERS[name]) for name in names]
+    first_seconds = []
+    seconds = interleaved_medians(runs, device, repeats, first_seconds)
+    return {name: (steps * settings.batch_size / time_s, first_s)
+            for name, time_s, first_s in zip(names, seconds, first_seconds)}
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ import p1_eval
 import p1_inference
 import p1_train
 from benchmarks import p1_bench
+from p1_model import Diffusion, guided_output, preset
 from utils import Hw2Error, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -277,3 +278,61 @@ def test_sampling_is_full_fp32_unless_autocast_is_asked_for(monkeypatch):
     args.autocast = p1_inference.build_parser().parse_args(["out", "--autocast"]).autocast
     reduced, _ = p1_inference.generate(diffusion, args, torch.device("cpu"), per_digit=1)
     assert not torch.equal(reduced, reference)
+
+
+def test_sampling_levers_give_the_guided_output_in_the_batches_they_name(monkeypatch):
+    """benchmarks/p1_sampling_bench.py: each lever computes p1_model.guided_output of all the images at once (to
+    float rounding), in the batch size and memory format its name says."""
+    from benchmarks import p1_sampling_bench
+
+    torch.manual_seed(0)
+    net = Diffusion(preset("toy", widths=(8, 16), embed_dim=16, attention_heads=2)).net.eval()
+    with torch.no_grad():
+        for parameter in net.parameters():  # the zero-initialised output conv would make every output 0
+            parameter.normal_(0, 0.3)
+    inputs = p1_sampling_bench.sampling_inputs(8, torch.device("cpu"))
+    with torch.no_grad():
+        expected = guided_output(net, *inputs, p1_sampling_bench.GUIDANCE)
+    seen, real = [], p1_sampling_bench.guided_output
+
+    def recording(model, x_t, *args):
+        seen.append((x_t.shape[0], x_t.is_contiguous(memory_format=torch.channels_last) and not x_t.is_contiguous()))
+        return real(model, x_t, *args)
+
+    monkeypatch.setattr(p1_sampling_bench, "guided_output", recording)
+    batches = {"default": [(4, False)] * 2, "channels_last": [(4, True)] * 2, "jit.freeze": [(4, False)] * 2,
+               "half batch": [(2, False)] * 4, "double batch": [(8, False)], "2 workers": [(4, False)] * 2}
+    for name, expected_batches in batches.items():
+        seen.clear()
+        output = p1_sampling_bench.lever_forward(net, inputs, 4, **p1_sampling_bench.LEVERS[name])()
+        assert seen == expected_batches, f"{name}: forwards of {seen}, expected {expected_batches}"
+        torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_cpu_sampling_gives_the_plain_models_images_at_any_batch_size():
+    """generate (channels_last weights on a CPU) gives what p1_model's sampler gives on an untouched copy of the
+    model, and the same images whatever the batch size, both to float rounding (oneDNN picks its kernels by shape)."""
+    import copy
+    import types
+
+    from p1_model import final
+    from utils import image_generators, standard_normal
+    torch.manual_seed(0)
+    diffusion = Diffusion(preset("toy", widths=(8, 16), embed_dim=16, attention_heads=2)).eval()
+    with torch.no_grad():
+        for parameter in diffusion.parameters():
+            parameter.normal_(0, 0.1)
+    plain = copy.deepcopy(diffusion)
+    args = types.SimpleNamespace(sampler="dpmpp", steps=3, eta=0.0, guidance=5.0, seed=0, batch_size=20)
+    images, _ = p1_inference.generate(diffusion, args, torch.device("cpu"), per_digit=1)
+    plan = p1_inference.sample_plan(per_digit=1)
+    x_T = standard_normal((len(plan), 3, 28, 28), image_generators(0, len(plan), "cpu"), "cpu")
+    with torch.no_grad():
+        expected = final(plain.sample(x_T, torch.tensor([p[1] for p in plan]), torch.tensor([p[0] for p in plan]),
+                                      w=5.0, sampler="dpmpp", steps=3))
+    assert plain.net.conv_in.weight.is_contiguous()  # the reference ran in the default layout
+    assert diffusion.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
+    args.batch_size = 7
+    torch.testing.assert_close(p1_inference.generate(diffusion, args, torch.device("cpu"), per_digit=1)[0], images,
+                               rtol=0, atol=1e-5)

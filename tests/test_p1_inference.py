@@ -37,6 +37,17 @@ def tiny_checkpoint(toy_world, tmp_path_factory):
     return out / p1_train.CHECKPOINT_NAME
 
 
+def random_diffusion(std):
+    """A tiny toy-preset model with every parameter drawn from N(0, std^2): the zero-initialised output conv of a
+    fresh model would make every output 0 and hide what a sampler does with it."""
+    torch.manual_seed(0)
+    diffusion = Diffusion(preset("toy", widths=(8, 16), embed_dim=16, attention_heads=2)).eval()
+    with torch.no_grad():
+        for parameter in diffusion.parameters():
+            parameter.normal_(0, std)
+    return diffusion
+
+
 @pytest.mark.slow  # 36 s; the default suite covers the grader layout (test_entry_scripts' hw2_1 test) and the
 # figures (test_make_report's quick report)
 def test_inference_writes_the_grader_layout_and_figures(tiny_checkpoint, tmp_path):
@@ -263,12 +274,7 @@ def test_sampling_is_full_fp32_unless_autocast_is_asked_for(monkeypatch):
     import types
 
     import utils
-    from p1_model import Diffusion, preset
-    torch.manual_seed(0)
-    diffusion = Diffusion(preset("toy", widths=(8, 16), embed_dim=16, attention_heads=2)).eval()
-    with torch.no_grad():
-        for parameter in diffusion.parameters():
-            parameter.normal_(0, 0.1)  # random weights everywhere: the zero-initialised output conv would hide all
+    diffusion = random_diffusion(0.1)
     args = types.SimpleNamespace(sampler="ddim", steps=2, eta=0.0, guidance=5.0, seed=0, batch_size=20)
     reference, _ = p1_inference.generate(diffusion, args, torch.device("cpu"), per_digit=1)  # no autocast here
     monkeypatch.setattr(utils, "amp_dtype", lambda device, cpu_bf16=False: torch.bfloat16)
@@ -285,11 +291,7 @@ def test_sampling_levers_give_the_guided_output_in_the_batches_they_name(monkeyp
     float rounding), in the batch size and memory format its name says."""
     from benchmarks import p1_sampling_bench
 
-    torch.manual_seed(0)
-    net = Diffusion(preset("toy", widths=(8, 16), embed_dim=16, attention_heads=2)).net.eval()
-    with torch.no_grad():
-        for parameter in net.parameters():  # the zero-initialised output conv would make every output 0
-            parameter.normal_(0, 0.3)
+    net = random_diffusion(0.3).net
     inputs = p1_sampling_bench.sampling_inputs(8, torch.device("cpu"))
     with torch.no_grad():
         expected = guided_output(net, *inputs, p1_sampling_bench.GUIDANCE)
@@ -317,11 +319,7 @@ def test_cpu_sampling_gives_the_plain_models_images_at_any_batch_size():
 
     from p1_model import final
     from utils import image_generators, standard_normal
-    torch.manual_seed(0)
-    diffusion = Diffusion(preset("toy", widths=(8, 16), embed_dim=16, attention_heads=2)).eval()
-    with torch.no_grad():
-        for parameter in diffusion.parameters():
-            parameter.normal_(0, 0.1)
+    diffusion = random_diffusion(0.1)
     plain = copy.deepcopy(diffusion)
     args = types.SimpleNamespace(sampler="dpmpp", steps=3, eta=0.0, guidance=5.0, seed=0, batch_size=20)
     images, _ = p1_inference.generate(diffusion, args, torch.device("cpu"), per_digit=1)

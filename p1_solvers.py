@@ -15,26 +15,35 @@ from our betas and prediction type; this module only maps P1's conventions onto 
 - clipping as P1's DDIM (p1_model.run_sampler): the x_0 prediction is clamped to [-1, 1] for eps-prediction
   (diffusers' thresholding with sample_max_value = 1 is exactly that clamp) and left alone for v-prediction.
 Both are deterministic (no noise is drawn), so an image does not depend on the batch it is sampled in.
+diffusers is imported when a solver is first made, not with this module: it brings torch._dynamo and scipy.stats,
+about 5 s of start-up that training, the evaluator and the DDIM / DDPM samplers do not need.
 """
 
-import torch
-from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+import importlib
 
-SOLVERS = {"dpmpp": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+import torch
+
+SOLVERS = {"dpmpp": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}  # name -> diffusers class
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
+
+
+def solver_class(sampler):
+    """diffusers' scheduler class for `sampler` ("dpmpp" or "unipc")."""
+    if sampler not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {sampler!r}")
+    return getattr(importlib.import_module("diffusers"), SOLVERS[sampler])
 
 
 def make_solver(sampler, betas, prediction, steps, clip):
     """A fresh diffusers scheduler for `sampler` ("dpmpp" or "unipc") on our betas, set to `steps` steps; with
     `clip`, every x_0 prediction is clamped to [-1, 1]."""
-    if sampler not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {sampler!r}")
+    scheduler_class = solver_class(sampler)
     if not 1 <= steps <= len(betas):
         raise ValueError(f"the number of {sampler} steps must be between 1 and {len(betas)}, got {steps}")
-    scheduler = SOLVERS[sampler](num_train_timesteps=len(betas), trained_betas=betas.double().cpu().numpy(),
-                                 prediction_type=PREDICTION_TYPES[prediction], solver_order=2,
-                                 thresholding=clip, sample_max_value=1.0,
-                                 timestep_spacing="trailing", lower_order_final=True, final_sigmas_type="zero")
+    scheduler = scheduler_class(num_train_timesteps=len(betas), trained_betas=betas.double().cpu().numpy(),
+                                prediction_type=PREDICTION_TYPES[prediction], solver_order=2,
+                                thresholding=clip, sample_max_value=1.0,
+                                timestep_spacing="trailing", lower_order_final=True, final_sigmas_type="zero")
     scheduler.set_timesteps(steps)
     return scheduler
 

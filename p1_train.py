@@ -85,8 +85,8 @@ class TrainSettings:
 # Toy: 2 CPU cores with native bf16, batch 128: 28 epochs of the toy world's 16,000 training images = 3,500 steps,
 # 448 k images seen. At the same steps, peak LR 3e-3 scored 0.99 on MNIST-M where 2e-3 scored 0.94-0.96 and an EMA
 # decay of 0.999 0.92 (BENCHMARKS.md, P1: how the preset was chosen). Half the images in as many steps (batch 64,
-# 13 epochs: 0.49x the time) lost 5 points on MNIST-M; peak LR 5e-3, batch 32 or no min-SNR weighting in half the
-# time did worse (BENCHMARKS.md, P1: training in half the time).
+# 13 epochs: 0.49x the time) lost 5 points on MNIST-M; peak LR 5e-3, batch 32, narrower widths or a min-SNR gamma
+# of 2, 1 or 0 (off) in half the time did worse (BENCHMARKS.md, P1: training in half the time).
 # Full: one modern GPU; the real sets (~135k images) for 60 epochs.
 TRAIN_PRESETS = {
     "toy": dict(epochs=28, batch_size=128, lr=3e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995,

@@ -21,8 +21,8 @@ p1_inference.py cuts them:
 
 The variants alternate (benchmarks/timing.interleaved_medians); each reports network evaluations per second, its
 ratio to the default, its first call, and the largest difference of its output from the default's (a lever may
-change an image by float rounding only). `--startup N` also times N fresh interpreters that `import p1_inference`
-against N that `import torch`: what the grader waits for before the first step.
+change an image by float rounding only). `--startup N` also times N fresh interpreters that import p1_inference and
+its default solver's diffusers class against N that `import torch`: what the grader waits for before the first step.
 """
 
 import argparse
@@ -146,9 +146,10 @@ def main(argv=None):
               f"{first_s:5.1f} s   largest output difference {difference:.1e}")
     if args.startup > 0:
         torch_s = startup_seconds("import torch", args.startup)
-        script_s = startup_seconds("import p1_inference", args.startup)
+        script_s = startup_seconds("import p1_inference, p1_solvers; "
+                                   "p1_solvers.solver_class(p1_inference.DEFAULT_SAMPLER)", args.startup)
         print(f"Start-up, median of {args.startup} fresh interpreters: import torch {torch_s:.1f} s, import "
-              f"p1_inference (torch, diffusers' schedulers, PIL) {script_s:.1f} s")
+              f"p1_inference and its default solver (torch, diffusers, PIL) {script_s:.1f} s")
     return results
 
 

@@ -8,6 +8,9 @@ Gaussian data (tests/test_p1_oracle.py), its error against the exact ODE map is 
 """
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from diffusers import DDIMScheduler
 from test_p1_oracle import MU, S, oracle, schedule_of
 
 import p1_model as pm
-from p1_solvers import SOLVERS, make_solver, solver_sample
+from p1_solvers import SOLVERS, make_solver, solver_class, solver_sample
 
 DIFFUSERS_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
@@ -25,7 +28,7 @@ DIFFUSERS_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 def test_the_solver_runs_on_our_schedule_and_diffusers_named_one(schedule, sampler):
     betas, alpha_bar = schedule_of(schedule)
     ours = make_solver(sampler, betas, "v", 10, clip=False)
-    named = SOLVERS[sampler](num_train_timesteps=1000, beta_schedule=DIFFUSERS_SCHEDULE[schedule])
+    named = solver_class(sampler)(num_train_timesteps=1000, beta_schedule=DIFFUSERS_SCHEDULE[schedule])
     torch.testing.assert_close(ours.alphas_cumprod.double(), alpha_bar, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(ours.alphas_cumprod, named.alphas_cumprod, rtol=1e-5, atol=1e-9)
     assert ours.config.prediction_type == "v_prediction" and ours.config.solver_order == 2
@@ -70,6 +73,15 @@ def test_eps_and_v_prediction_give_the_same_samples():
     for sampler in SOLVERS:
         eps, v = affine_map(sampler, 10, "cosine", "eps"), affine_map(sampler, 10, "cosine", "v")
         assert eps == pytest.approx(v, rel=1e-3, abs=1e-5), f"{sampler}: eps {eps}, v {v}"
+
+
+def test_training_the_evaluator_and_ddim_sampling_do_not_import_diffusers():
+    """diffusers (with torch._dynamo and scipy, ~5 s) is imported when a solver is made, not by importing P1."""
+    check = "import sys, p1_train, p1_eval, p1_inference; print(sorted(m for m in sys.modules if 'diffusers' in m))"
+    result = subprocess.run([sys.executable, "-c", check], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+    assert solver_class("dpmpp").__name__ == "DPMSolverMultistepScheduler"
 
 
 def test_bad_solver_arguments_are_refused():

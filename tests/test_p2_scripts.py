@@ -62,8 +62,10 @@ def test_a_bad_input_exits_1_with_one_line(toy_world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_interpolation_writes_strips_and_frames(toy_world, tmp_path):
-    """alpha = 0 and 1 are p2_ddim.py's own samples of 00.pt and 01.pt (fails on alpha running the wrong way, an
+    """The script as the grader's shell runs it (slow: test_p2_interpolate.py checks the same main's noises in-process).
+    alpha = 0 and 1 are p2_ddim.py's own samples of 00.pt and 01.pt (fails on alpha running the wrong way, an
     endpoint that is not exact, or another sampler); the frames between are neither."""
     face = toy_world / "face"
     result = run("p2_interpolate.py", face / "noise", tmp_path / "interp", face / "UNet.pt", "--steps", "2")

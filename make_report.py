@@ -54,16 +54,17 @@ class Settings:
     p2_steps: int = None
     ti_steps: int = None
     p1_train: tuple = ()
-    p1_evaluator_epochs: int = 0
+    p1_evaluator: tuple = ()
     ti_train: tuple = ()
     zeroshot_workers: int = None
 
 
 FULL = Settings()
 QUICK = Settings(p1_steps=5, p2_steps=5, ti_steps=2, zeroshot_workers=0,
-                 # seconds on 2 cores: one epoch over 64 images per dataset, no sample grid
+                 # seconds on 2 cores: P1 one epoch over 64 images per dataset, no sample grid; the evaluator one
+                 # epoch over 1,000 images per dataset
                  p1_train=("--epochs", "1", "--limit", "64", "--batch-size", "32", "--grid-every", "0"),
-                 p1_evaluator_epochs=1, ti_train=("--steps", "2", "--batch-size", "1"))
+                 p1_evaluator=("--epochs", "1", "--limit", "1000"), ti_train=("--steps", "2", "--batch-size", "1"))
 
 
 @dataclass

@@ -172,7 +172,7 @@ def fit_classifier(images, labels, epochs, seed, device, desc, make_model=lambda
 def train_command(args, device):
     announce_toy_world(args.data)
     cache = Path(args.out) / "cache"  # the decoded images, shared with p1_train.py's
-    train_images, train_digits, _ = load_split(args.data, "train", cache_dir=cache, exclude_val=True)
+    train_images, train_digits, _ = load_split(args.data, "train", args.limit, cache_dir=cache, exclude_val=True)
     val_images, val_digits, val_sets = load_split(args.data, "val", cache_dir=cache)
     model = fit_classifier(to_model_range(train_images), train_digits, args.epochs, args.seed, device,
                            "training the digit classifier")
@@ -299,6 +299,8 @@ def build_parser():
                        help=f"Folder for {EVALUATOR_NAME} (beside the P1 diffusion checkpoints).")
     train.add_argument("--epochs", type=int, default=15, help="Training epochs of the classifier.")
     train.add_argument("--seed", type=int, default=0, help="Seed for initialisation, data order and shifts.")
+    train.add_argument("--limit", type=int, default=0,
+                       help="Train on only the first N training images of each dataset (0 = all); for smoke tests.")
     score = commands.add_parser("score", help="Score a folder written by p1_inference.py.")
     score.add_argument("out_dir", type=str, help="Folder holding mnistm/ and svhn/ of generated images.")
     score.add_argument("--evaluator", type=str, default=str(Path(DEFAULT_OUT) / EVALUATOR_NAME),

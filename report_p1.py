@@ -82,9 +82,9 @@ def p1_evaluator(context):
         return require(args.p1_evaluator, "--p1-evaluator", "pass the file written by `python p1_eval.py train`")
     if context.toy and args.quick:
         folder = context.out / "p1" / "quick_checkpoint"
-        context.say(f"P1: training the evaluator for {context.settings.p1_evaluator_epochs} epoch(s) into {folder}.")
+        context.say(f"P1: training a short evaluator ({' '.join(context.settings.p1_evaluator)}) into {folder}.")
         p1_eval.main([*context.device_flag(), "train", "--data", str(context.data / "digits"), "--out", str(folder),
-                      "--epochs", str(context.settings.p1_evaluator_epochs), *context.seed_flag()])
+                      *context.settings.p1_evaluator, *context.seed_flag()])
         return folder / p1_eval.EVALUATOR_NAME
     default = Path(p1_train.DEFAULT_OUT) / p1_eval.EVALUATOR_NAME
     return default if default.is_file() else None

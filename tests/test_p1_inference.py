@@ -219,23 +219,25 @@ def test_eval_train_and_score_smoke(toy_world, tmp_path):
     assert "50 generated vs " in fd_lines[0] and "two real halves with as many images: " in fd_lines[0], fd_lines[0]
 
 
-def test_evaluator_limit_trains_on_the_first_n_rows_of_each_train_csv(toy_world, tmp_path, monkeypatch):
+def test_evaluator_limit_trains_on_the_first_n_rows_of_each_train_csv(small_digits, tmp_path, monkeypatch):
     """`train --limit 7` hands the classifier the digits of the first 7 rows of each set's train.csv, in order."""
-    handed = {}
+    digits, handed = small_digits(rows=20), {}
+    for name in p1_eval.DATASETS:  # a small val.csv, so that no train row is held out for validation
+        rows = (digits / name / "train.csv").read_text().splitlines()
+        (digits / name / "val.csv").write_text("\n".join(rows[:3]) + "\n")
 
     def record(images, labels, *args, **kwargs):
         handed["labels"] = labels.tolist()
         return p1_eval.DigitClassifier(p1_eval.ClassifierConfig())
 
     monkeypatch.setattr(p1_eval, "fit_classifier", record)
-    p1_eval.main(["--device", "cpu", "train", "--data", str(toy_world / "digits"), "--out", str(tmp_path),
-                  "--limit", "7"])
+    p1_eval.main(["--device", "cpu", "train", "--data", str(digits), "--out", str(tmp_path / "out"), "--limit", "7"])
     expected = []
     for name in p1_eval.DATASETS:
-        with open(toy_world / "digits" / name / "train.csv", newline="") as f:
+        with open(digits / name / "train.csv", newline="") as f:
             expected += [int(row["label"]) for row in list(csv.DictReader(f))[:7]]
     assert handed["labels"] == expected
-    assert (tmp_path / p1_eval.EVALUATOR_NAME).is_file()
+    assert (tmp_path / "out" / p1_eval.EVALUATOR_NAME).is_file()
 
 
 def test_predict_takes_one_plain_argmax_per_image_unless_tta_is_asked_for():

@@ -77,7 +77,10 @@ def test_our_original_layout_round_trips_bit_identically_through_diffusers_conve
     assert loaded.tokenizer("a <x> dog").input_ids[0] == 49406 and len(loaded.tokenizer) == 49408
 
 
+@pytest.mark.slow
 def test_lightning_ckpt_loads_offline_with_an_empty_hf_cache(tiny, tmp_path):
+    """In a fresh interpreter with an empty HF_HOME (slow: the default suite loads the same model.ckpt in-process,
+    offline, in the cache tests below)."""
     ckpt = fresh_copy(tiny, tmp_path)
     out = tmp_path / "loaded.safetensors"
     script = (f"import sd_v1, safetensors.torch as st; p = sd_v1.load_sd_pipeline({str(ckpt)!r}, "
